@@ -1,0 +1,321 @@
+"""Everything that touches transformers internals lives here: its cache API changes between releases (v5 renamed
+`past_key_values` to `cache`, removed `cache_position` and SinkCache, moved to per-layer cache objects), and that
+breakage is the top complaint about every earlier StreamingLLM implementation. Tested against transformers 5.x.
+
+Public classes: `SinkCache` (StreamingLLM), `WindowCache` (the same with no sinks). Both are `transformers.Cache`s:
+pass them as `cache=` (or the deprecated `past_key_values=`) to `model(...)` and `model.generate(...)`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .kv import RotarySpec, StreamingKV
+
+__all__ = ["SinkCache", "WindowCache", "DynamicCache", "UnsupportedModelError", "rotary_spec", "check_supported"]
+
+# Model types whose attention applies RoPE in the rotate-half layout before calling `cache.update`, verified against
+# the reference implementation in tests/test_oracle.py.
+ROPE_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt_neox")
+
+# Why the others cannot be served, for the error message.
+_UNSERVABLE = {
+    "gpt2": "its learned absolute position embeddings are added to the input, so positions cannot be re-assigned "
+            "inside the cache",
+    "gptj": "it rotates interleaved pairs (rotate-every-two), a layout this cache does not re-rotate",
+    "opt": "its learned absolute position embeddings cannot be re-assigned inside the cache",
+    "bloom": "ALiBi biases are built from absolute key indices inside its attention, not from the cache",
+    "mpt": "ALiBi biases are built from absolute key indices inside its attention, not from the cache",
+}
+
+# RoPE variants whose frequencies change with the sequence length: a key rotated earlier would not match a later
+# query, so re-rotating inside a streaming cache is not well defined.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+class UnsupportedModelError(ValueError):
+    """The caches cannot serve this model (the message names its model type and why)."""
+
+
+def _config_of(config_or_model):
+    return getattr(config_or_model, "config", config_or_model)
+
+
+def check_supported(config_or_model) -> None:
+    """Raise `UnsupportedModelError` naming the model type unless the caches can serve it."""
+    config = _config_of(config_or_model)
+    model_type = getattr(config, "model_type", None) or type(config).__name__
+    if model_type in ROPE_MODEL_TYPES:
+        rope = getattr(config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+        if rope_type in _LENGTH_DEPENDENT_ROPE:
+            raise UnsupportedModelError(
+                f"model type {model_type!r} with rope_type={rope_type!r}: its RoPE frequencies depend on the "
+                "sequence length, so keys cached earlier cannot be re-rotated consistently; use a fixed scaling "
+                "(linear, yarn, llama3) or none"
+            )
+        return
+    why = _UNSERVABLE.get(model_type, "it is not one of the RoPE architectures these caches were verified on")
+    raise UnsupportedModelError(
+        f"SinkCache/WindowCache cannot serve model type {model_type!r}: {why}. "
+        f"Supported model types: {', '.join(ROPE_MODEL_TYPES)}."
+    )
+
+
+def sliding_window_of(config) -> int | None:
+    """The model's own attention window (Mistral, Qwen2 with use_sliding_window), if it has one."""
+    sliding = getattr(config, "sliding_window", None)
+    if sliding is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(sliding)
+
+
+def rotary_spec(config_or_model) -> RotarySpec:
+    """The model's RoPE frequencies. From a model, read from its rotary module (the exact floats it uses); from a
+    config, computed the way transformers does."""
+    config = _config_of(config_or_model)
+    check_supported(config)
+    if config_or_model is not config:
+        for module in config_or_model.modules():
+            inv_freq = getattr(module, "inv_freq", None)
+            if isinstance(inv_freq, torch.Tensor) and inv_freq.ndim == 1:
+                inv = inv_freq.detach().to("cpu", torch.float64)
+                return RotarySpec(inv_freq=inv, rotary_dim=2 * inv.numel())
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+        base = rope["rope_theta"]
+        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    else:
+        inv, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    inv = inv.to(torch.float32).to(torch.float64)  # the model holds float32 frequencies
+    return RotarySpec(inv_freq=inv, rotary_dim=2 * inv.numel())
+
+
+def _position_ids(kwargs) -> torch.Tensor | None:
+    """The positions the model rotated the new tokens with, when its attention passes them to `update`.
+
+    Llama, Mistral and Qwen2 call `cache.update(k, v, layer_idx, kwargs=kwargs)` with `position_ids` inside;
+    GPT-NeoX passes nothing (then the cache assumes the positions it reported through `get_seq_length`)."""
+    inner = kwargs.get("kwargs", kwargs)
+    if isinstance(inner, dict):
+        pos = inner.get("position_ids")
+        if isinstance(pos, torch.Tensor):
+            return pos
+    return None
+
+
+class StreamingLayer(CacheLayerMixin):
+    """transformers' view of one layer of a streaming cache; the buffers live in the shared `StreamingKV`."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, kv: StreamingKV, layer_idx: int):
+        super().__init__()
+        self._kv = kv
+        self.layer_idx = layer_idx
+
+    @property
+    def _layer(self):
+        layers = self._kv.layers
+        return layers[self.layer_idx] if self.layer_idx < len(layers) else None
+
+    @property
+    def keys(self):
+        layer = self._layer
+        return None if layer is None else layer.keys[:, :, : self._kv.occupied()]
+
+    @keys.setter
+    def keys(self, value):  # CacheLayerMixin.__init__ assigns None
+        if value is not None:
+            raise AttributeError("a streaming cache's keys are written through update()")
+
+    @property
+    def values(self):
+        layer = self._layer
+        return None if layer is None else layer.values[:, :, : self._kv.occupied()]
+
+    @values.setter
+    def values(self, value):
+        if value is not None:
+            raise AttributeError("a streaming cache's values are written through update()")
+
+    @property
+    def is_initialized(self):
+        return self._layer is not None
+
+    @is_initialized.setter
+    def is_initialized(self, value):
+        pass
+
+    @property
+    def batch_size(self):
+        return self._kv.batch_size
+
+    def lazy_initialization(self, key_states, value_states):
+        pass  # buffers are allocated by StreamingKV on the first update
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._kv.update(self.layer_idx, key_states, value_states,
+                               _position_ids(kwargs) if self.layer_idx == 0 else None)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The returned keys are the occupied slots in slot order: offset 0, and a query offset (see
+        # StreamingCache.get_query_offset) that lets every query see every returned key, since nothing evicted is
+        # ever returned.
+        return _kv_length(self._kv, query_length), 0
+
+    def get_seq_length(self) -> int:
+        return self._kv.next_position(0)
+
+    def get_max_length(self) -> int:
+        return self._kv.capacity
+
+    def reset(self) -> None:
+        self._kv.reset()
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("streaming caches do not support beam search (num_beams > 1)")
+
+    def offload(self):
+        raise NotImplementedError("streaming caches keep their preallocated buffers on one device")
+
+    prefetch = offload
+
+
+def _kv_length(kv: StreamingKV, query_length: int) -> int:
+    before = kv.occupied()
+    if query_length == 1:
+        return min(before + 1, kv.capacity)
+    return before + query_length
+
+
+class StreamingCache(Cache):
+    """Base of `SinkCache` and `WindowCache`: a `transformers.Cache` over a preallocated `StreamingKV`."""
+
+    def __init__(self, num_sinks: int, window: int, config=None, *, rebase_interval: int | None = None,
+                 batch_size: int | None = None):
+        if config is not None:
+            cfg = _config_of(config)
+            check_supported(cfg)
+            rotary = rotary_spec(config)
+            num_layers = cfg.num_hidden_layers
+            sliding = sliding_window_of(cfg)
+            if sliding is not None and num_sinks + window > sliding:
+                raise ValueError(
+                    f"the cache holds {num_sinks + window} tokens but the model attends to at most {sliding} "
+                    f"(config.sliding_window); use num_sinks + window <= {sliding}"
+                )
+        else:
+            if num_sinks:
+                raise ValueError(
+                    f"{type(self).__name__} with sinks needs the model's config to place them: "
+                    f"{type(self).__name__}(num_sinks={num_sinks}, window={window}, config=model.config)"
+                )
+            rotary, num_layers = None, None
+        self.kv = StreamingKV(num_layers, num_sinks, window, rotary, rebase_interval=rebase_interval,
+                              batch_size=batch_size)
+        layers = [StreamingLayer(self.kv, i) for i in range(num_layers)] if num_layers else []
+        super().__init__(layers=layers)
+
+    # ---- transformers' Cache API -----------------------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:  # config-less WindowCache: layers appear with the model's
+            self.layers.append(StreamingLayer(self.kv, len(self.layers)))
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The model position the next token is expected at (tokens seen, minus any re-basing of the frame)."""
+        return self.kv.next_position(0)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return _kv_length(self.kv, query_length), 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        # Queries come after every occupied slot they can see; see StreamingLayer.get_mask_sizes.
+        return min(self.kv.occupied(), self.kv.capacity - 1)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.kv.capacity
+
+    def reset(self):
+        self.kv.reset()
+
+    def crop(self, max_length: int):
+        raise NotImplementedError("streaming caches cannot be cropped: evicted tokens are gone")
+
+    # ---- streaming API ---------------------------------------------------------------------------------------------
+    @property
+    def num_sinks(self) -> int:
+        return self.kv.num_sinks
+
+    @property
+    def window(self) -> int:
+        return self.kv.window
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.capacity
+
+    @property
+    def ring(self):
+        """The C++ `SinkRing` that does the bookkeeping (None before the first forward without batch_size)."""
+        return self.kv.ring
+
+    def seen(self, stream: int = 0) -> int:
+        """Tokens fed to `stream` so far."""
+        return self.kv.seen(stream)
+
+    def position_ids(self, num_tokens: int = 1, device=None) -> torch.Tensor:
+        """Positions `[batch, num_tokens]` for the next forward, kept small by re-basing (see `StreamingKV`)."""
+        return self.kv.position_ids(num_tokens, device)
+
+    def reset_stream(self, stream: int) -> None:
+        self.kv.reset_stream(stream)
+
+    def fast_forward(self, seen: int, stream: int | None = None) -> None:
+        self.kv.fast_forward(seen, stream)
+
+    def snapshot(self):
+        return self.kv.snapshot()
+
+    def restore(self, snapshot) -> None:
+        self.kv.restore(snapshot)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes held by the KV buffers (keys, values, sink copies, scratch) of every allocated layer."""
+        return self.kv.nbytes
+
+    def __repr__(self):
+        return f"{type(self).__name__}(num_sinks={self.num_sinks}, window={self.window}, seen={self.seen()})"
+
+
+class SinkCache(StreamingCache):
+    """StreamingLLM's cache: the first `num_sinks` tokens plus the most recent `window` tokens (the one being decoded
+    included), with positions assigned inside the cache, in buffers allocated once per layer and written in place.
+
+    >>> cache = SinkCache(num_sinks=4, window=1020, config=model.config)
+    >>> out = model.generate(input_ids, cache=cache, max_new_tokens=20_000)
+
+    `config` may also be the model itself (its rotary frequencies are then read from it).
+    """
+
+    def __init__(self, num_sinks: int = 4, window: int = 1020, config=None, *, rebase_interval: int | None = None,
+                 batch_size: int | None = None):
+        super().__init__(num_sinks, window, config, rebase_interval=rebase_interval, batch_size=batch_size)
+
+
+class WindowCache(StreamingCache):
+    """The paper's window attention: `SinkCache` with no sinks (the `window` most recent tokens)."""
+
+    def __init__(self, window: int = 1024, config=None, *, rebase_interval: int | None = None,
+                 batch_size: int | None = None):
+        super().__init__(0, window, config, rebase_interval=rebase_interval, batch_size=batch_size)

@@ -1,0 +1,113 @@
+"""Oracles, written as plainly as possible. Test code only.
+
+`PaperReferenceCache` is StreamingLLM as the paper's code does it (mit-han-lab/streaming-llm, "pos_shift"): keep
+un-rotated keys; for each step make room (keep the first S and the last W-1 so that the new token fits in S+W),
+append the new one, rotate all keys with positions 0..len-1, and let the query sit at len-1. It costs O(cache) per
+step and allocates freely; it only has to be obviously right.
+
+It plugs into the same transformers model as the caches under test, so the two are compared on identical weights
+and attention code. The model rotates each new key at the position the reference reported (`get_seq_length`), and
+the reference un-rotates it with the model's own rotary module.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def find_rotary_module(model):
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "forward") and "Rotary" in type(module).__name__:
+            return module
+    raise LookupError("model has no rotary embedding module")
+
+
+class _RefLayer(CacheLayerMixin):
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.raw_keys = None  # un-rotated
+
+    def lazy_initialization(self, key_states, value_states):
+        pass
+
+    def update(self, *a, **k):
+        raise AssertionError("PaperReferenceCache.update handles layers itself")
+
+    def get_mask_sizes(self, query_length):
+        return 0, 0
+
+    def get_seq_length(self):
+        return 0 if self.raw_keys is None else self.raw_keys.shape[-2]
+
+    def get_max_length(self):
+        return -1
+
+
+class PaperReferenceCache(Cache):
+    def __init__(self, model, num_sinks: int, window: int):
+        self.rotary = find_rotary_module(model)
+        self.S, self.W = num_sinks, window
+        n_layers = model.config.num_hidden_layers
+        super().__init__(layers=[_RefLayer() for _ in range(n_layers)])
+        self.values_by_layer = [None] * n_layers
+
+    # Number of keys kept before the incoming tokens are appended; this is also the position of the first incoming
+    # token, which is what the model rotates it with (we report it through get_seq_length).
+    def _kept_before(self, layer_idx, n_new):
+        layer = self.layers[layer_idx]
+        m = layer.get_seq_length()
+        return min(m, self.S + self.W - n_new) if m + n_new > self.S + self.W else m
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kept_before(layer_idx, 1)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int):
+        return self._kept_before(layer_idx, query_length) + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._kept_before(layer_idx, 1)
+
+    def _cos_sin(self, positions, like):
+        pos = torch.as_tensor(positions, device=like.device).view(1, -1)
+        cos, sin = self.rotary(like, pos)
+        # Undo any attention scaling baked into cos/sin by the rotary module: we rotate stored keys, and the model
+        # already scaled them once when it rotated them.
+        scale = getattr(self.rotary, "attention_scaling", 1.0)
+        return cos[0] / scale, sin[0] / scale
+
+    def _rotate(self, x, positions):
+        cos, sin = self._cos_sin(positions, x)
+        rot = cos.shape[-1]
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        n = key_states.shape[-2]
+        # 1. make room: keep the first S and the most recent keys so that the new ones fit in S + W
+        keep = self._kept_before(layer_idx, n)
+        if layer.raw_keys is not None and keep < layer.raw_keys.shape[-2]:
+            recent = keep - self.S
+            cut = lambda t: torch.cat((t[..., : self.S, :], t[..., t.shape[-2] - recent:, :]), dim=-2)
+            layer.raw_keys = cut(layer.raw_keys)
+            self.values_by_layer[layer_idx] = cut(self.values_by_layer[layer_idx])
+        # 2. append the new keys, un-rotated (the model rotated them at positions keep..keep+n-1)
+        new_positions = list(range(keep, keep + n))
+        raw_new = self._rotate(key_states, [-p for p in new_positions])
+        if layer.raw_keys is None:
+            layer.raw_keys, self.values_by_layer[layer_idx] = raw_new, value_states
+        else:
+            layer.raw_keys = torch.cat((layer.raw_keys, raw_new), dim=-2)
+            self.values_by_layer[layer_idx] = torch.cat((self.values_by_layer[layer_idx], value_states), dim=-2)
+        # 3. rotate every key at its position inside the cache: 0..len-1
+        length = layer.raw_keys.shape[-2]
+        keys = self._rotate(layer.raw_keys, list(range(length)))
+        return keys, self.values_by_layer[layer_idx]
