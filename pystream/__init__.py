@@ -9,7 +9,7 @@ from ._core import SinkRing
 __version__ = "0.1.0"
 
 _LAZY = {
-    "SinkCache": "hf", "WindowCache": "hf", "DynamicCache": "hf", "UnsupportedModelError": "hf",
+    "SinkCache": "hf", "WindowCache": "hf", "PaperCache": "hf", "DynamicCache": "hf", "UnsupportedModelError": "hf",
     "StreamingKV": "kv", "RotarySpec": "kv",
     "prefill": "streaming", "generate": "streaming",
     "recompute_logits": "baselines",

@@ -1,5 +1,5 @@
-"""The baselines StreamingLLM is compared with: dense attention (transformers' own `DynamicCache`) and sliding
-window with re-computation."""
+"""The baselines StreamingLLM is compared with: dense attention (transformers' own `DynamicCache`), sliding window
+with re-computation, and the paper's own cache implementation (`PaperCache`, in `pystream.hf`)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,4 @@ def recompute_logits(model, input_ids: torch.Tensor, window: int) -> torch.Tenso
     context = input_ids[:, -window:]
     positions = torch.arange(context.shape[1], device=context.device).unsqueeze(0).expand(context.shape[0], -1)
     return model(context, position_ids=positions, use_cache=False).logits[:, -1]
+

@@ -14,7 +14,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .kv import RotarySpec, StreamingKV
 
-__all__ = ["SinkCache", "WindowCache", "DynamicCache", "UnsupportedModelError", "rotary_spec", "check_supported"]
+__all__ = ["SinkCache", "WindowCache", "PaperCache", "DynamicCache", "UnsupportedModelError", "rotary_spec", "check_supported"]
 
 # Model types whose attention applies RoPE in the rotate-half layout before calling `cache.update`, verified against
 # the reference implementation in tests/test_oracle.py.
@@ -109,6 +109,28 @@ def _position_ids(kwargs) -> torch.Tensor | None:
     return None
 
 
+class _StubLayer(CacheLayerMixin):
+    """A placeholder layer for caches that keep their tensors themselves (the benchmark baselines)."""
+
+    is_sliding = False
+    supports_early_init = False
+
+    def lazy_initialization(self, key_states, value_states):
+        pass
+
+    def update(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def get_mask_sizes(self, query_length):
+        raise NotImplementedError
+
+    def get_seq_length(self):
+        return 0
+
+    def get_max_length(self):
+        return -1
+
+
 class StreamingLayer(CacheLayerMixin):
     """transformers' view of one layer of a streaming cache; the buffers live in the shared `StreamingKV`."""
 
@@ -170,7 +192,7 @@ class StreamingLayer(CacheLayerMixin):
         # The returned keys are the occupied slots in slot order: offset 0, and a query offset (see
         # StreamingCache.get_query_offset) that lets every query see every returned key, since nothing evicted is
         # ever returned.
-        return _kv_length(self._kv, query_length), 0
+        return self._kv.attended(query_length), 0
 
     def get_seq_length(self) -> int:
         return self._kv.next_position(0)
@@ -188,13 +210,6 @@ class StreamingLayer(CacheLayerMixin):
         raise NotImplementedError("streaming caches keep their preallocated buffers on one device")
 
     prefetch = offload
-
-
-def _kv_length(kv: StreamingKV, query_length: int) -> int:
-    before = kv.occupied()
-    if query_length == 1:
-        return min(before + 1, kv.capacity)
-    return before + query_length
 
 
 class StreamingCache(Cache):
@@ -236,11 +251,11 @@ class StreamingCache(Cache):
         return self.kv.next_position(0)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        return _kv_length(self.kv, query_length), 0
+        return self.kv.attended(query_length), 0
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         # Queries come after every occupied slot they can see; see StreamingLayer.get_mask_sizes.
-        return min(self.kv.occupied(), self.kv.capacity - 1)
+        return self.kv.query_offset()
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.kv.capacity
@@ -278,10 +293,17 @@ class StreamingCache(Cache):
         return self.kv.position_ids(num_tokens, device)
 
     def reset_stream(self, stream: int) -> None:
+        """Empty one stream and keep the others: the batch becomes ragged, so pass `attention_mask=slot_mask()`
+        and `position_ids=position_ids(1)` with each following step."""
         self.kv.reset_stream(stream)
 
-    def fast_forward(self, seen: int, stream: int | None = None) -> None:
-        self.kv.fast_forward(seen, stream)
+    def slot_mask(self, device=None) -> torch.Tensor:
+        """`[batch, keys]` bool attention mask for the next single-token step of a ragged batch."""
+        return self.kv.slot_mask(device)
+
+    def fast_forward(self, seen: int) -> None:
+        """Jump every stream to `seen` tokens without feeding them; see `StreamingKV.fast_forward`."""
+        self.kv.fast_forward(seen)
 
     def snapshot(self):
         return self.kv.snapshot()
@@ -319,3 +341,61 @@ class WindowCache(StreamingCache):
     def __init__(self, window: int = 1024, config=None, *, rebase_interval: int | None = None,
                  batch_size: int | None = None):
         super().__init__(0, window, config, rebase_interval=rebase_interval, batch_size=batch_size)
+
+
+class PaperCache(Cache):
+    """StreamingLLM the way the paper's code (and transformers' removed SinkCache) runs it, kept as a benchmark
+    baseline: keys are stored un-rotated; every step each layer concatenates the sinks, the recent slice and the new
+    key, then re-applies RoPE to every cached key at positions 0..len-1 (cos/sin precomputed, as there). That is
+    O(cache) copying and rotation per layer per step, the cost `SinkCache` removes. One token per forward."""
+
+    def __init__(self, num_sinks: int, window: int, config):
+        check_supported(config)
+        rotary = rotary_spec(config)
+        super().__init__(layers=[_StubLayer() for _ in range(config.num_hidden_layers)])
+        self.num_sinks, self.capacity = num_sinks, num_sinks + window
+        angles = torch.arange(self.capacity, dtype=torch.float64)[:, None] * rotary.inv_freq
+        self._cos64, self._sin64 = angles.cos(), angles.sin()
+        self._tables = {}
+        self.raw_keys = [None] * config.num_hidden_layers
+        self.raw_values = [None] * config.num_hidden_layers
+
+    def _table(self, like):
+        key = (like.dtype, like.device)
+        if key not in self._tables:
+            cos, sin = self._cos64.to(like.device, like.dtype), self._sin64.to(like.device, like.dtype)
+            self._tables[key] = (torch.cat((cos, cos), -1), torch.cat((sin, sin), -1))
+        return self._tables[key]
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        rot, half = cos.shape[-1], cos.shape[-1] // 2
+        x_rot = x[..., :rot]
+        rotated = x_rot * cos + torch.cat((-x_rot[..., half:], x_rot[..., :half]), -1) * sin
+        return torch.cat((rotated, x[..., rot:]), -1)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        keys = self.raw_keys[layer_idx]
+        return 0 if keys is None else min(keys.shape[-2], self.capacity - 1)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int):
+        return self.get_seq_length(layer_idx) + query_length, 0
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if key_states.shape[-2] != 1:
+            raise ValueError("PaperCache is a decode-step baseline: feed one token per forward")
+        cos, sin = self._table(key_states)
+        position = self.get_seq_length(layer_idx)  # where the model rotated the new key
+        raw_new = self._rotate(key_states, cos[position:position + 1], -sin[position:position + 1])
+        keys, values = self.raw_keys[layer_idx], self.raw_values[layer_idx]
+        if keys is None:
+            keys, values = raw_new, value_states
+        else:
+            if keys.shape[-2] >= self.capacity:
+                recent = keys.shape[-2] - (self.capacity - 1 - self.num_sinks)
+                keys = torch.cat((keys[..., : self.num_sinks, :], keys[..., recent:, :]), -2)
+                values = torch.cat((values[..., : self.num_sinks, :], values[..., recent:, :]), -2)
+            keys, values = torch.cat((keys, raw_new), -2), torch.cat((values, value_states), -2)
+        self.raw_keys[layer_idx], self.raw_values[layer_idx] = keys, values
+        n = keys.shape[-2]
+        return self._rotate(keys, cos[:n], sin[:n]), values

@@ -48,33 +48,83 @@ class RotarySpec:
         return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
 
 
-def rotate_into(out: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """out = RoPE-rotate(src) by the angles whose cos/sin are given; rotate-half layout; no allocation.
+# Buffers that outlive one forward are made outside inference mode: tensors made inside it could never again be
+# written outside it (a user may switch between inference_mode and no_grad), while normal tensors can be written in
+# both.
+_persistent = torch.inference_mode(False)
 
-    `src`, `out`: `[..., rotary_dim]` views that do not overlap; `cos`, `sin` broadcast to `[..., rotary_dim // 2]`.
+
+def rotate_into(out: torch.Tensor, src: torch.Tensor, src_swapped: torch.Tensor, cos: torch.Tensor,
+                sin_signed: torch.Tensor) -> None:
+    """out = RoPE-rotate(src), in two ops and no allocation.
+
+    Rotate-half RoPE maps [x1, x2] to [x1 cos - x2 sin, x2 cos + x1 sin], which is
+    src * cat(cos, cos) + cat(x2, x1) * cat(-sin, sin): with `src_swapped` = cat(x2, x1) kept beside `src`, and the
+    full-width `cos` and `sin_signed` tables, one multiply and one multiply-add do it.
+    `src`, `src_swapped`, `out`: `[..., rotary_dim]`, `out` not overlapping the others.
     """
-    half = src.shape[-1] // 2
-    x1, x2 = src[..., :half], src[..., half:]
-    o1, o2 = out[..., :half], out[..., half:]
-    torch.mul(x1, cos, out=o1)
-    o1.addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=o2)
-    o2.addcmul_(x1, sin)
+    torch.mul(src, cos, out=out)
+    out.addcmul_(src_swapped, sin_signed)
 
 
-def rotate_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scratch: torch.Tensor) -> None:
-    """x = RoPE-rotate(x) in place; `scratch` has the shape of `x[..., :rotary_dim // 2]`."""
+def rotate_inplace(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, scratch: torch.Tensor) -> None:
+    """x = RoPE-rotate(x) in place (full-width tables as for `rotate_into`); `scratch` is shaped like
+    `x[..., :rotary_dim // 2]`."""
     half = x.shape[-1] // 2
+    cos, sin = cos[..., :half], sin_signed[..., half:]
     x1, x2 = x[..., :half], x[..., half:]
     scratch.copy_(x1)
     x1.mul_(cos).addcmul_(x2, sin, value=-1)
     x2.mul_(cos).addcmul_(scratch, sin)
 
 
+class RotationAngles:
+    """Full-width rotation tables for `shift * inv_freq` per stream, `cat(cos, cos)` and `cat(-sin, sin)`, each
+    `[batch or 1, 1, 1, rotary_dim]` in the model's dtype and device (see `rotate_into`), from buffers allocated once:
+    the decode step allocates nothing.
+
+    Shifts in [0, table_size) shared by every stream (the common case with the cache's own positions) are views of a
+    precomputed table; others are computed in float64 on the CPU into preallocated buffers, then copied over.
+    """
+
+    @_persistent
+    def __init__(self, rotary: RotarySpec, batch: int, dtype: torch.dtype, device: torch.device, table_size: int):
+        half = rotary.rotary_dim // 2
+        self.inv_freq = rotary.inv_freq.to(torch.float64)
+        self.shift = torch.zeros(batch, 1, dtype=torch.float64)
+        self.shift_np = self.shift.numpy()[:, 0]
+        self.angle = torch.empty(batch, half, dtype=torch.float64)
+        self.cos64, self.sin64 = torch.empty_like(self.angle), torch.empty_like(self.angle)
+        self.cos = torch.empty(batch, 1, 1, 2 * half, dtype=dtype, device=device)
+        self.sin = torch.empty_like(self.cos)
+        table_cos, table_sin = rotary.cos_sin(torch.arange(table_size), dtype, device)
+        self.table_cos = torch.cat((table_cos, table_cos), -1)[:, None, None, :]
+        self.table_sin = torch.cat((-table_sin, table_sin), -1)[:, None, None, :]
+        self.table_size = table_size
+        self.half = half
+
+    def __call__(self, shifts: list[int]):
+        first = shifts[0]
+        if 0 <= first < self.table_size and all(v == first for v in shifts):
+            return self.table_cos[first:first + 1], self.table_sin[first:first + 1]
+        self.shift_np[:] = shifts
+        torch.mul(self.shift, self.inv_freq, out=self.angle)
+        torch.remainder(self.angle, 2 * math.pi, out=self.angle)
+        torch.cos(self.angle, out=self.cos64)
+        torch.sin(self.angle, out=self.sin64)
+        half, shape = self.half, (self.cos.shape[0], 1, 1, self.half)
+        self.cos[..., :half].copy_(self.cos64.view(shape), non_blocking=True)
+        self.cos[..., half:].copy_(self.cos64.view(shape), non_blocking=True)
+        self.sin[..., half:].copy_(self.sin64.view(shape), non_blocking=True)
+        torch.neg(self.sin[..., half:], out=self.sin[..., :half])
+        return self.cos, self.sin
+
+
 class KVLayer:
     """One layer's buffers. `keys`/`values`: `[batch, kv_heads, capacity, head_dim]`, allocated once, written in
     place. `sink_store`: `[batch, kv_heads, num_sinks, head_dim]`, the sink keys rotated at positions 0..S-1."""
 
+    @_persistent
     def __init__(self, kv: "StreamingKV", layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         batch, heads, _, head_dim = key_states.shape
         cap, sinks = kv.capacity, kv.num_sinks
@@ -85,6 +135,9 @@ class KVLayer:
             batch, heads, cap, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device
         )
         self.sink_store = self.keys.new_zeros(batch, heads, sinks, head_dim) if sinks else None
+        rot = kv.rotary.rotary_dim if kv.rotary is not None else 0
+        # cat(x2, x1) of each stored sink's rotated part, so that placing the sinks takes two ops (rotate_into).
+        self.sink_swapped = self.keys.new_zeros(batch, heads, sinks, rot) if sinks and rot else None
         # The sink shift the buffer's sink slots are rotated by, per stream; None: unknown (rotate next time).
         self.sink_shift: list[int] | None = [0] * batch
         # Scratch for in-place rotations (re-base of the window, sinks written in a shifted frame).
@@ -95,6 +148,7 @@ class KVLayer:
     def nbytes(self) -> int:
         total = self.keys.nbytes + self.values.nbytes
         total += self.sink_store.nbytes if self.sink_store is not None else 0
+        total += self.sink_swapped.nbytes if self.sink_swapped is not None else 0
         total += self.scratch.nbytes if self.scratch is not None else 0
         return total
 
@@ -104,6 +158,9 @@ class _Step:
 
     __slots__ = ("n", "first_token", "slot", "slots", "occupied", "sink_shift", "sink_cos", "sink_sin",
                  "rebase", "rebase_cos", "rebase_sin", "sink_writes", "layers_done")
+
+    def __init__(self):
+        self.sink_cos = self.sink_sin = self.rebase_cos = self.rebase_sin = None
 
 
 class StreamingKV:
@@ -146,6 +203,11 @@ class StreamingKV:
         self.ring: SinkRing | None = None
         self._planned: torch.Tensor | None = None
         self._step: _Step | None = None
+        # After a fast-forward the window slots hold nothing valid for the new positions until rewritten: which slots
+        # may be attended to ([capacity] bool), or None when every occupied slot may.
+        self._valid: torch.Tensor | None = None
+        self._angle_buffers: dict = {}
+        self._position_buffers: dict = {}
         if batch_size is not None:
             self._make_ring(batch_size)
 
@@ -182,6 +244,34 @@ class StreamingKV:
             return 0
         return max(self.ring.occupied(b) for b in range(self.ring.num_streams))
 
+    def attended(self, num_new: int) -> int:
+        """Keys the next forward of `num_new` tokens attends to (what `update` will return), the most over streams."""
+        if self._valid is not None:
+            slot = self.ring.slot_for_token(self.ring.seen(0))
+            return int(self._valid.sum()) + (0 if self._valid[slot] else 1)
+        before = self.occupied()
+        return min(before + 1, self.capacity) if num_new == 1 else before + num_new
+
+    def slot_mask(self, device=None) -> torch.Tensor:
+        """`[batch, attended(1)]` bool: which returned keys stream b may attend to in the next single-token step.
+
+        Needed only when streams differ in how many slots they fill (after `reset_stream`): pass it to the model as
+        `attention_mask=` for that step. Key j of the returned keys is slot j."""
+        ring = self._require_ring()
+        if self._valid is not None:
+            raise ValueError("slot_mask is not available while a fast-forwarded window is being refilled")
+        width = self.attended(1)
+        mask = torch.zeros(ring.num_streams, width, dtype=torch.bool)
+        for b in range(ring.num_streams):
+            mask[b, : min(ring.occupied(b) + 1, self.capacity, width)] = True
+        return mask.to(device if device is not None else (self._device() or "cpu"))
+
+    def query_offset(self) -> int:
+        """How many returned keys come before the first new query (for the causal mask)."""
+        if self._valid is not None:
+            return self.attended(1) - 1
+        return min(self.occupied(), self.capacity - 1)
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the buffers of every allocated layer."""
@@ -197,7 +287,7 @@ class StreamingKV:
         """Empty every stream; the buffers stay allocated."""
         if self.ring is not None:
             self.ring.reset_all()
-        self._planned = self._step = None
+        self._planned = self._step = self._valid = None
         self._forget_sink_placement()
 
     def reset_stream(self, stream: int) -> None:
@@ -205,18 +295,25 @@ class StreamingKV:
         self._require_ring().reset(stream)
         self._forget_sink_placement()
 
-    def fast_forward(self, seen: int, stream: int | None = None) -> None:
-        """Put `stream` (default: all) in the state a stream of `seen` tokens leaves, without feeding them.
+    @_persistent
+    def fast_forward(self, seen: int) -> None:
+        """Put every stream in the state a stream of `seen` tokens leaves, without feeding them (benchmarks use it
+        to reach position 1M in no time).
 
-        Only the bookkeeping moves: the buffers keep what they hold, so the caller refills the window (the sinks stay
-        valid if they were fed). Positions after it are small (see `SinkRing.fast_forward`)."""
+        Counters, slots and positions become those after `seen` tokens. The sinks already fed stay; the window
+        slots are not attended to until tokens fed after this rewrite them, so feeding the W tokens before `seen`
+        fills the window exactly as a stream of `seen` tokens leaves it. Positions after it are small."""
         ring = self._require_ring()
-        streams = range(ring.num_streams) if stream is None else [stream]
-        for b in streams:
+        before = min(ring.seen(b) for b in range(ring.num_streams))
+        for b in range(ring.num_streams):
             ring.fast_forward(b, seen)
+        valid = torch.zeros(self.capacity, dtype=torch.bool)
+        valid[: min(before, self.num_sinks)] = True
+        self._valid = valid
         self._planned = None
         self._forget_sink_placement()
 
+    @_persistent
     def snapshot(self) -> dict:
         """A copy of the whole state (ring and buffers) that `restore` puts back."""
         ring = self._require_ring()
@@ -227,8 +324,10 @@ class StreamingKV:
                                                    None if layer.sink_store is None else layer.sink_store.clone(),
                                                    None if layer.sink_shift is None else list(layer.sink_shift))
                        for layer in self.layers],
+            "valid": None if self._valid is None else self._valid.clone(),
         }
 
+    @_persistent
     def restore(self, snapshot: dict) -> None:
         """Put back a `snapshot()` of a cache with the same geometry and allocated layers."""
         ring = self._require_ring()
@@ -249,6 +348,7 @@ class StreamingKV:
             if sink_store is not None:
                 layer.sink_store.copy_(sink_store)
             layer.sink_shift = None if sink_shift is None else list(sink_shift)
+        self._valid = None if snapshot.get("valid") is None else snapshot["valid"].clone()
         self._planned = self._step = None
 
     # ---- positions -------------------------------------------------------------------------------------------------
@@ -270,15 +370,38 @@ class StreamingKV:
             device = device if device is not None else self._device()
             self._planned = positions.to(device) if device is not None else positions
             return self._planned
-        out = np.empty((ring.num_streams, num_tokens), dtype=np.int64)
-        for b in range(ring.num_streams):
-            ring.plan(b, num_tokens, out[b])
-        positions = torch.from_numpy(out)
         if device is None:
             device = self._device()
-        positions = positions.to(device) if device is not None else positions
+        if num_tokens == 1:
+            # The decode step reuses one buffer (a tensor from an earlier step is overwritten: use it right away).
+            host, on_device = self._decode_positions(ring.num_streams, device)
+        else:
+            host = torch.empty(ring.num_streams, num_tokens, dtype=torch.int64)
+            on_device = None
+        host_np = host.numpy()
+        for b in range(ring.num_streams):
+            ring.plan(b, num_tokens, host_np[b])
+        if on_device is None:
+            positions = host.to(device) if device is not None else host
+        elif on_device is host:
+            positions = host
+        else:
+            positions = on_device.copy_(host, non_blocking=True)
         self._planned = positions
         return positions
+
+    @_persistent
+    def _decode_positions(self, streams: int, device):
+        key = (streams, None if device is None else str(device))
+        buffers = self._position_buffers.get(key)
+        if buffers is None:
+            host = torch.empty(streams, 1, dtype=torch.int64)
+            on_device = host if device is None or torch.device(device).type == "cpu" else \
+                torch.empty(streams, 1, dtype=torch.int64, device=device)
+            if on_device is not host:
+                host = host.pin_memory() if torch.cuda.is_available() else host
+            buffers = self._position_buffers[key] = (host, on_device)
+        return buffers
 
     def _device(self):
         for layer in self.layers:
@@ -291,22 +414,21 @@ class StreamingKV:
         if position_ids is None or position_ids is self._planned:
             return
         ring = self.ring
-        pos = position_ids.detach()
-        if pos.ndim == 1:
-            pos = pos.unsqueeze(0)
-        if pos.ndim != 2 or pos.shape[-1] != n or pos.shape[0] not in (1, ring.num_streams):
+        streams = ring.num_streams
+        if position_ids.ndim == 1:
+            position_ids = position_ids.unsqueeze(0)
+        rows = position_ids.shape[0]
+        if position_ids.ndim != 2 or position_ids.shape[-1] != n or rows not in (1, streams):
             raise ValueError(
-                f"position_ids of shape {tuple(position_ids.shape)} do not match {ring.num_streams} stream(s) of "
+                f"position_ids of shape {tuple(position_ids.shape)} do not match {streams} stream(s) of "
                 f"{n} new token(s)"
             )
-        pos = pos.cpu()
-        first = pos[:, 0]
-        if n > 1 and not torch.equal(pos - first.unsqueeze(1), torch.arange(n).expand_as(pos)):
-            raise ValueError("position_ids must be consecutive within each stream (a stream has no gaps)")
-        firsts = first.tolist()
-        if len(firsts) == 1:
-            firsts = firsts * ring.num_streams
-        for b, p in enumerate(firsts):
+        values = position_ids.tolist()  # a handful of ints: no tensor is made
+        for row in values:
+            if row != list(range(row[0], row[0] + n)):
+                raise ValueError("position_ids must be consecutive within each stream (a stream has no gaps)")
+        for b in range(streams):
+            p = values[b if rows > 1 else 0][0]
             if p != ring.next_position(b):
                 if self.rotary is None:
                     raise ValueError(
@@ -338,6 +460,11 @@ class StreamingKV:
             if len({ring.seen(b) for b in range(ring.num_streams)}) > 1:
                 raise ValueError("a multi-token forward needs every stream at the same length; feed ragged streams "
                                  "one token at a time")
+        if self._valid is not None and bool(self._valid.all()):
+            self._valid = None  # the window has been refilled since the fast-forward
+        if self._valid is not None and (n > 1 or len({ring.seen(b) for b in range(ring.num_streams)}) > 1):
+            raise ValueError("after fast_forward, feed every stream the same tokens one at a time until the window "
+                             "is refilled")
         self._adopt_positions(position_ids, n)
         self._planned = None
 
@@ -371,9 +498,7 @@ class StreamingKV:
             (range(step.first_token, min(step.first_token + n, self.num_sinks)) if n > 1 else [tokens[b]])
             if t < self.num_sinks
         ]
-        step.sink_cos = step.sink_sin = None
         step.rebase = pending if any(pending) else None
-        step.rebase_cos = step.rebase_sin = None
         self._step = step
 
     def update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
@@ -430,34 +555,56 @@ class StreamingKV:
             self._place_sinks(layer, step)
 
         step.layers_done += 1
+        if self._valid is not None:
+            return self._attend_valid(layer, step)
         occ = step.occupied
         return layer.keys[:, :, :occ], layer.values[:, :, :occ]
 
+    def _attend_valid(self, layer: KVLayer, step: _Step):
+        """After a fast-forward: attend to the sinks and the window slots rewritten since (a gathered copy; this
+        only lasts until the window is refilled)."""
+        if layer.layer_idx == 0:
+            self._valid[step.slot] = True
+        if bool(self._valid.all()):
+            return layer.keys, layer.values
+        index = self._valid.nonzero().squeeze(1).to(layer.device)
+        return layer.keys.index_select(2, index), layer.values.index_select(2, index)
+
     # ---- rotations -------------------------------------------------------------------------------------------------
+    def _angles(self, layer: KVLayer, purpose: str) -> RotationAngles:
+        key = (purpose, layer.dtype, layer.device)
+        angles = self._angle_buffers.get(key)
+        if angles is None:
+            table = self.rebase_interval + self.capacity if purpose == "sink" else 1
+            angles = self._angle_buffers[key] = RotationAngles(self.rotary, layer.keys.shape[0], layer.dtype,
+                                                               layer.device, table)
+        return angles
+
     def _rebase_window(self, layer: KVLayer, step: _Step) -> None:
         """The frame moved by `step.rebase[b]` for stream b: rotate stored window keys back by that much."""
         rot = self.rotary.rotary_dim
         if step.rebase_cos is None:
-            shifts = torch.tensor([-d for d in step.rebase], dtype=torch.int64)
-            cos, sin = self.rotary.cos_sin(shifts, layer.dtype, layer.device)
-            step.rebase_cos, step.rebase_sin = cos[:, None, None, :], sin[:, None, None, :]
+            step.rebase_cos, step.rebase_sin = self._angles(layer, "rebase")([-d for d in step.rebase])
         S = self.num_sinks
         window_keys = layer.keys[:, :, S:, :rot]
         rotate_inplace(window_keys, step.rebase_cos, step.rebase_sin, layer.scratch)
 
     def _store_sinks(self, layer: KVLayer, step: _Step, key_states: torch.Tensor) -> None:
         """Keep a pristine copy of new sink keys, rotated to their in-cache positions (the model rotated token t at
-        t - frame_base)."""
+        t - frame_base), and its half-swapped twin."""
+        rot = self.rotary.rotary_dim
+        half = rot // 2
         for b, token, frame_base in step.sink_writes:
             src = key_states[b, :, token - step.first_token] if step.n > 1 else key_states[b, :, 0]
             dst = layer.sink_store[b, :, token]
-            if frame_base == 0:
-                dst.copy_(src)
-            else:
+            dst.copy_(src)
+            if frame_base != 0:  # rare: only when a caller's positions put the first tokens off frame 0
                 cos, sin = self.rotary.cos_sin(torch.tensor([frame_base]), layer.dtype, layer.device)
-                dst.copy_(src)
-                rot = self.rotary.rotary_dim
-                rotate_inplace(dst[None, :, :rot], cos, sin, layer.scratch[b, :, :1, :].transpose(0, 1))
+                full_cos, full_sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+                rotate_inplace(dst[None, :, :rot], full_cos, full_sin, layer.scratch[b, :, :1, :].transpose(0, 1))
+            swapped = layer.sink_swapped[b, :, token]
+            swapped[:, :half].copy_(dst[:, half:rot])
+            swapped[:, half:].copy_(dst[:, :half])
             # The buffer's sink slot now holds the key in the current frame, not rotated by the layer's sink shift.
             layer.sink_shift = None
 
@@ -469,12 +616,10 @@ class StreamingKV:
         if occupied_sinks == 0:
             return
         if step.sink_cos is None:
-            cos, sin = self.rotary.cos_sin(torch.tensor(step.sink_shift, dtype=torch.int64), layer.dtype,
-                                           layer.device)
-            step.sink_cos, step.sink_sin = cos[:, None, None, :], sin[:, None, None, :]
+            step.sink_cos, step.sink_sin = self._angles(layer, "sink")(step.sink_shift)
         rot = self.rotary.rotary_dim
         rotate_into(layer.keys[:, :, :occupied_sinks, :rot], layer.sink_store[:, :, :occupied_sinks, :rot],
-                    step.sink_cos, step.sink_sin)
+                    layer.sink_swapped[:, :, :occupied_sinks], step.sink_cos, step.sink_sin)
         if rot < layer.keys.shape[-1]:
             layer.keys[:, :, :occupied_sinks, rot:].copy_(layer.sink_store[:, :, :occupied_sinks, rot:])
         layer.sink_shift = list(step.sink_shift)

@@ -23,7 +23,7 @@ def tiny_config(arch: str, **overrides):
     if arch == "llama":
         return LlamaConfig(num_key_value_heads=2, **common)
     if arch == "mistral":
-        return MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+        return MistralConfig(**{"num_key_value_heads": 2, "sliding_window": None, **common})
     if arch == "qwen2":
         return Qwen2Config(num_key_value_heads=2, **common)
     if arch == "gpt_neox":

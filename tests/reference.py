@@ -111,3 +111,27 @@ class PaperReferenceCache(Cache):
         length = layer.raw_keys.shape[-2]
         keys = self._rotate(layer.raw_keys, list(range(length)))
         return keys, self.values_by_layer[layer_idx]
+
+
+def reference_from(cache, model) -> PaperReferenceCache:
+    """A PaperReferenceCache holding what a streaming cache (one stream) holds now: the same tokens' keys, un-rotated,
+    in arrival order, and their values. Continuing both from here must give the same logits."""
+    ring = cache.ring
+    S, W = cache.num_sinks, cache.window
+    ref = PaperReferenceCache(model, S, W)
+    frame_base = ring.frame_base(0)
+    slots = [s for s in range(cache.capacity) if ring.token_in_slot(0, s) >= 0]
+    slots.sort(key=lambda s: ring.token_in_slot(0, s))
+    for layer_idx, layer in enumerate(cache.kv.layers):
+        raw, vals = [], []
+        for s in slots:
+            token = ring.token_in_slot(0, s)
+            if token < S:
+                key, position = layer.sink_store[:, :, token:token + 1], token
+            else:
+                key, position = layer.keys[:, :, s:s + 1], token - frame_base
+            raw.append(ref._rotate(key, [-position]))
+            vals.append(layer.values[:, :, s:s + 1])
+        ref.layers[layer_idx].raw_keys = torch.cat(raw, dim=-2)
+        ref.values_by_layer[layer_idx] = torch.cat(vals, dim=-2)
+    return ref

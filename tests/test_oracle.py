@@ -186,3 +186,14 @@ def test_batch_of_two_equals_two_single_runs(arch, planned):
                 one = model(ids[b:b + 1, t:t + 1], cache=singles[b], **kw).logits
                 worst = max(worst, (got[b:b + 1] - one).abs().max().item())
     assert worst <= TOL
+
+
+def test_paper_cache_baseline_equals_reference():
+    """The benchmark baseline computes the same thing as the oracle (it only has to be slow the paper's way)."""
+    from pystream import PaperCache
+
+    model = tiny_model("gpt_neox")
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(9))
+    diffs = stream_both(model, ids, PaperCache(S, W, model.config), PaperReferenceCache(model, S, W),
+                        planned=False)
+    assert max(diffs) <= TOL

@@ -1,0 +1,90 @@
+"""Per-token negative log-likelihood of a text under each method: the quality half of the comparison.
+
+Every function returns `nll[i]` = -log p(ids[i + 1] | what the method keeps of ids[:i + 1]), float64, natural log.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .baselines import recompute_logits
+from .hf import DynamicCache, StreamingCache
+from .streaming import prefill
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none").double()
+
+
+@torch.inference_mode()
+def nll_streaming(model, cache: StreamingCache, ids: torch.Tensor, *, on_step: Callable[[int], None] | None = None
+                  ) -> np.ndarray:
+    """Token by token through a streaming cache (sink or window), exactly as a stream would see the text.
+    `ids`: `[n]` or `[batch, n]`; the result is `[n - 1]` or `[batch, n - 1]`."""
+    squeeze = ids.ndim == 1
+    ids = ids.view(1, -1) if squeeze else ids
+    n = ids.shape[1]
+    out = torch.empty(ids.shape[0], n - 1, dtype=torch.float64)
+
+    def record(i, logits):
+        if i < n - 1:
+            out[:, i] = _token_nll(logits, ids[:, i + 1])
+        if on_step is not None:
+            on_step(i)
+
+    prefill(model, cache, ids[:, : n - 1] if n > 1 else ids, on_token=record)
+    result = out.numpy()
+    return result[0] if squeeze else result
+
+
+@torch.inference_mode()
+def nll_dense(model, ids: torch.Tensor, *, chunk: int = 1024, on_step: Callable[[int], None] | None = None
+              ) -> np.ndarray:
+    """Dense attention over the whole prefix (transformers' DynamicCache), in chunks: exact, since a chunk attends
+    to everything before it."""
+    ids = ids.view(1, -1)
+    n = ids.shape[1]
+    cache = DynamicCache(config=model.config)
+    out = np.empty(n - 1, dtype=np.float64)
+    for start in range(0, n - 1, chunk):
+        stop = min(start + chunk, n - 1)
+        logits = model(ids[:, start:stop], cache=cache, use_cache=True).logits[0]
+        out[start:stop] = _token_nll(logits, ids[0, start + 1:stop + 1]).numpy()
+        if on_step is not None:
+            on_step(stop - 1)
+    return out
+
+
+@torch.inference_mode()
+def nll_recompute(model, ids: torch.Tensor, window: int, positions=None, *,
+                  on_step: Callable[[int], None] | None = None) -> np.ndarray:
+    """Sliding window with re-computation at the given prediction indices (default: all); NaN elsewhere."""
+    ids = ids.view(1, -1)
+    n = ids.shape[1]
+    out = np.full(n - 1, np.nan)
+    indices = range(n - 1) if positions is None else positions
+    for i in indices:
+        logits = recompute_logits(model, ids[:, : i + 1], window)
+        out[i] = _token_nll(logits, ids[0, i + 1:i + 2]).item()
+        if on_step is not None:
+            on_step(i)
+    return out
+
+
+def perplexity(nll: np.ndarray) -> float:
+    values = nll[~np.isnan(nll)]
+    return float(math.exp(values.mean())) if values.size else float("nan")
+
+
+def sampled_perplexity(nll: np.ndarray) -> tuple[float, float, float]:
+    """PPL of a random sample of positions with a 95% confidence interval (normal approximation on the mean NLL)."""
+    values = nll[~np.isnan(nll)]
+    if values.size < 2:
+        return float("nan"), float("nan"), float("nan")
+    mean = values.mean()
+    half = 1.96 * values.std(ddof=1) / math.sqrt(values.size)
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
