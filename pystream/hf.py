@@ -301,15 +301,15 @@ class StreamingCache(Cache):
         """`[batch, keys]` bool attention mask for the next single-token step of a ragged batch."""
         return self.kv.slot_mask(device)
 
-    def fast_forward(self, seen: int) -> None:
+    def fast_forward(self, seen: int, *, keep_window: bool = False) -> None:
         """Jump every stream to `seen` tokens without feeding them; see `StreamingKV.fast_forward`."""
-        self.kv.fast_forward(seen)
+        self.kv.fast_forward(seen, keep_window=keep_window)
 
     def snapshot(self):
         return self.kv.snapshot()
 
-    def restore(self, snapshot) -> None:
-        self.kv.restore(snapshot)
+    def restore(self, snapshot, device=None) -> None:
+        self.kv.restore(snapshot, device)
 
     @property
     def kv_bytes(self) -> int:

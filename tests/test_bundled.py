@@ -39,3 +39,20 @@ def test_sinks_rescue_window_attention_on_real_text(bundled):
     print(f"PPL over tokens 257..1280: dense {dense:.3f}, sink 4+252 {sink:.3f}, window 256 {window:.3f}")
     assert window >= 1.5 * sink
     assert abs(sink - dense) <= 0.15 * dense
+
+
+def test_readme_example_runs(bundled):
+    """The README's example, as written, except for the number of new tokens (10,000 takes ~10 minutes here)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert "max_new_tokens=10_000" in code
+    code = code.replace("max_new_tokens=10_000", "max_new_tokens=300, min_new_tokens=300")
+    code = code.replace("SinkCache(num_sinks=4, window=1020,", "SinkCache(num_sinks=4, window=60,")
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    out, prompt = namespace["out"], namespace["prompt"]
+    assert out.shape[1] == prompt.shape[1] + 300
+    assert namespace["cache"].seen() > namespace["cache"].capacity  # it streamed past the cache

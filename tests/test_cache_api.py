@@ -128,6 +128,32 @@ def test_fast_forward_then_refill_equals_reference_from_same_contents(target):
     assert max_diff(ours, theirs) <= 1e-4
 
 
+@pytest.mark.parametrize("target", [5_000, 2**40 + 3])
+def test_fast_forward_keeping_the_window_equals_reference_from_same_contents(target):
+    """Fill sinks + window in one chunk, jump keeping the window: it now holds the W tokens before `target`, and
+    decoding on equals the paper's algorithm started from the same contents."""
+    model = tiny_model("gpt_neox")
+    ids = torch.randint(0, 128, (1, S + W + 150), generator=torch.Generator().manual_seed(5))
+    cache = SinkCache(S, W, model.config)
+    with torch.inference_mode():
+        model(ids[:, : S + W], cache=cache)
+    cache.fast_forward(target, keep_window=True)
+    ring = cache.ring
+    assert cache.seen() == target
+    held = sorted(ring.token_in_slot(0, s) for s in range(S + W))
+    assert held == list(range(S)) + list(range(target - W, target))
+    ref = reference_from(cache, model)
+    ours = feed(model, cache, ids[:, S + W:])
+    with torch.inference_mode():
+        theirs = [model(ids[:, t:t + 1], cache=ref).logits[:, -1] for t in range(S + W, ids.shape[1])]
+    assert max_diff(ours, theirs) <= 1e-4
+    # Only relative positions matter, so the jump changes nothing: decoding on equals a cache that never jumped.
+    fresh = SinkCache(S, W, model.config)
+    with torch.inference_mode():
+        model(ids[:, : S + W], cache=fresh)
+    assert max_diff(ours, feed(model, fresh, ids[:, S + W:])) <= 1e-4
+
+
 def test_reset_stream_makes_a_ragged_batch_that_matches_single_runs():
     model = tiny_model("mistral")
     ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(2))

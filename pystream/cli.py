@@ -1,0 +1,349 @@
+"""pystream-bench: sink caching against its baselines across stream lengths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  pystream-bench --lengths 4k,1M
+      the main job: every method at caches 256 and 1024 (4 sinks), at 4,096 and 1,048,576 tokens, on the bundled
+      SmolLM2-135M and King James Bible; results and report.html in runs/<date-time>/
+  pystream-bench --methods sink,window --cache-sizes 1024 --lengths 8k,64k,512k --batch 4 --out runs/batch4
+      only the streaming caches, four independent streams decoded together
+  pystream-bench --model ./my-llama --text book.txt --lengths 16k --mode stream --ppl-tokens 12288
+      your own model folder and text, streaming every token up to 16k for real
+"""
+
+DEFAULT_PPL_TOKENS = 1536
+LENGTH_HELP = ("comma-separated stream lengths; k = 1024 and M = 1024*1024 (the context-length convention), plain "
+               "integers too: 4k,64k,1M (default: 4k,1M)")
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, exit code 2."""
+
+
+def parse_size(text: str, what: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
+    if not match:
+        raise UsageError(f"{what}: {text!r} is not a size (examples: 4096, 4k, 1M)")
+    value = int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()]
+    if value <= 0:
+        raise UsageError(f"{what}: {text!r} must be positive")
+    return value
+
+
+def parse_list(text: str, what: str, parse) -> list:
+    items = [t for t in text.split(",")]
+    if not text.strip() or any(not t.strip() for t in items):
+        raise UsageError(f"{what}: {text!r} must be a comma-separated list without empty items")
+    values = [parse(t.strip(), what) for t in items]
+    return list(dict.fromkeys(values))  # de-duplicated, in the given order
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .runner import METHODS
+
+    p = Parser(
+        prog="pystream-bench",
+        description="Benchmark streaming LLM inference with attention sinks (StreamingLLM) against window "
+                    "attention, sliding window with re-computation and dense attention: per-token latency, "
+                    "tokens/s, memory and perplexity across stream lengths.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_argument_group("what to measure")
+    what.add_argument("--lengths", default="4k,1M", help=LENGTH_HELP)
+    what.add_argument("--methods", default=",".join(METHODS),
+                      help=f"comma-separated, any of {', '.join(METHODS)} (default: all)")
+    what.add_argument("--cache-sizes", default="256,1024",
+                      help="total cache sizes, sinks included (the paper's 4+1020 is 1024); default 256,1024")
+    what.add_argument("--sinks", type=int, default=4, help="attention sinks of the sink method (default 4)")
+    what.add_argument("--mode", choices=("state", "stream"), default="state",
+                      help="state: put each cache in the state a stream of L tokens leaves, then time decoding "
+                           "(fast); stream: stream every token up to L for real (default state)")
+    what.add_argument("--steps", type=int, default=32, help="timed decode steps per cell, after warm-up (default 32)")
+    what.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (default 3)")
+    what.add_argument("--batch", type=int, default=1, help="independent streams decoded together (default 1)")
+    quality = p.add_argument_group("quality")
+    quality.add_argument("--ppl-tokens", type=int, default=None,
+                         help="per-token NLL over the first N tokens of the text, per method; 0 skips (default "
+                              "1536, or the whole text if shorter)")
+    quality.add_argument("--ppl-cache", type=int, default=None,
+                         help="cache size for the quality pass (default: the smallest of --cache-sizes)")
+    quality.add_argument("--recompute-ppl", choices=("auto", "all", "sample"), default="auto",
+                         help="recompute at every position, or at a random sample with a 95%% confidence interval; "
+                              "auto samples on CPU (default auto)")
+    quality.add_argument("--recompute-samples", type=int, default=64, help="sample size (default 64)")
+    inputs = p.add_argument_group("model and text")
+    inputs.add_argument("--model", default=None,
+                        help="the bundled smollm2-135m (default), a local transformers folder, a .gguf file, or a "
+                             "hub id (needs the network)")
+    inputs.add_argument("--text", default=None, help="the bundled kjv (default) or a UTF-8 text file")
+    inputs.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model folder or hub id to run its own code (off by default)")
+    run = p.add_argument_group("how to run")
+    run.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    run.add_argument("--threads", type=int, default=1,
+                     help="torch CPU threads (default 1: the steadiest per-step timings)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", default=None, help="run directory (default runs/<date-time>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished cells")
+    run.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    return p
+
+
+def validate(args) -> dict:
+    """Everything that can be checked before loading anything. Returns the parsed values."""
+    import torch
+
+    from .runner import METHODS
+
+    values = {
+        "lengths": parse_list(args.lengths, "--lengths", parse_size),
+        "cache_sizes": parse_list(args.cache_sizes, "--cache-sizes", parse_size),
+    }
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not args.methods.strip():
+        raise UsageError(f"--methods: unknown method {unknown[0] if unknown else args.methods!r}; choose from "
+                         f"{', '.join(METHODS)}")
+    values["methods"] = list(dict.fromkeys(methods))
+    for name in ("sinks", "steps", "warmup", "batch", "threads", "ppl_tokens", "recompute_samples"):
+        minimum = 1 if name in ("steps", "batch", "threads", "recompute_samples") else 0
+        if getattr(args, name) is not None and getattr(args, name) < minimum:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
+    if "sink" in values["methods"]:
+        small = [c for c in values["cache_sizes"] if c <= args.sinks]
+        if small:
+            raise UsageError(f"--cache-sizes: {small[0]} is not larger than --sinks {args.sinks} (the cache holds "
+                             "the sinks plus a window of at least one token)")
+    if args.ppl_cache is not None and args.ppl_cache <= (args.sinks if "sink" in values["methods"] else 0):
+        raise UsageError(f"--ppl-cache {args.ppl_cache} must be larger than --sinks {args.sinks}")
+    if args.ppl_tokens == 1:
+        raise UsageError("--ppl-tokens must be 0 (skip) or at least 2")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (this torch build: "
+                         f"{torch.__version__}); use --device cpu")
+    values["device"] = device
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    check_out_dir(out, args.resume)
+    values["out"] = out
+    return values
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if resume:
+        if not (out / "run.json").is_file():
+            raise UsageError(f"--resume: {out} holds no run to continue (no run.json)")
+    elif out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out}: already holds files; pass --resume to continue that run, or choose another "
+                         "directory")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot write in {existing}")
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_metadata(args, values, loaded, text, n_tokens) -> dict:
+    import numpy
+    import torch
+    import transformers
+
+    from . import __version__
+    from .measure import cpu_model
+    from .results import SCHEMA, SCHEMA_VERSION
+
+    cfg = loaded.model.config
+    device = values["device"]
+    device_name = torch.cuda.get_device_name(0) if device == "cuda" else cpu_model()
+    params = sum(p.numel() for p in loaded.model.parameters())
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": shlex.join(["pystream-bench", *sys.argv[1:]]),
+        "config": {
+            "lengths": values["lengths"], "methods": values["methods"], "cache_sizes": values["cache_sizes"],
+            "sinks": args.sinks, "mode": args.mode, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
+            "ppl_tokens": args.ppl_tokens, "ppl_cache": args.ppl_cache, "recompute_ppl": args.recompute_ppl,
+            "recompute_samples": args.recompute_samples, "model": loaded.name, "text": text.name,
+            "device_kind": device, "dtype": args.dtype, "threads": args.threads, "seed": args.seed,
+        },
+        "versions": {"pystream": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "numpy": numpy.__version__, "python": platform.python_version()},
+        "git_commit": git_commit(),
+        "device": {"kind": device, "name": device_name, "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+                   "threads": args.threads, "platform": platform.platform()},
+        "model": {"name": loaded.name, "kind": loaded.kind, "source": loaded.source,
+                  "model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
+                  "attention_heads": cfg.num_attention_heads,
+                  "kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+                  "hidden_size": cfg.hidden_size, "parameters": params,
+                  "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
+                  "load_s": round(loaded.load_seconds, 2)},
+        "text": {"name": text.name, "source": text.source, "tokens": int(n_tokens)},
+    }
+
+
+def resume_command(argv, out: Path) -> str:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not any(w == "--out" or w.startswith("--out=") for w in words):
+        words += ["--out", str(out)]
+    if "--resume" not in words:
+        words.append("--resume")
+    return shlex.join(["pystream-bench", *words])
+
+
+def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except UsageError as err:
+        print(f"pystream-bench: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = validate(args)
+
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    from .data import TextError, load_text, tokenize
+    from .models import ModelLoadError, load_model
+    from .results import ResultsError, RunWriter
+    from .runner import Bench, BenchConfig
+
+    console = Console(stderr=True)
+    # The result tables go to stdout, wide enough to read when piped to a file.
+    out_console = Console(width=None if sys.stdout.isatty() else 160)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars say what is going on
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    try:
+        text = load_text(args.text)
+    except TextError as err:
+        raise UsageError(f"--text {err}") from None
+    with console.status("loading the model"):
+        try:
+            loaded = load_model(args.model, device=values["device"], dtype=args.dtype,
+                                trust_remote_code=args.trust_remote_code,
+                                progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+        except ModelLoadError as err:
+            raise UsageError(f"--model: {err}") from None
+    from .hf import UnsupportedModelError, check_supported
+
+    streaming = [m for m in values["methods"] if m in ("sink", "window")]
+    if streaming:
+        try:
+            check_supported(loaded.model.config)
+        except UnsupportedModelError as err:
+            raise UsageError(f"--model: {err}") from None
+    with console.status("tokenizing the text"):
+        try:
+            ids = tokenize(text, loaded.tokenizer)
+        except TextError as err:
+            raise UsageError(f"--text {err}") from None
+    console.print(f"model [bold]{loaded.name}[/bold] ({loaded.kind}, loaded in {loaded.load_seconds:.1f} s), "
+                  f"text [bold]{text.name}[/bold] ({len(ids):,} tokens), device {values['device']}, "
+                  f"{args.threads} thread(s)")
+    if args.ppl_tokens is None:
+        args.ppl_tokens = min(DEFAULT_PPL_TOKENS, len(ids))
+    elif args.ppl_tokens > len(ids):
+        raise UsageError(f"--ppl-tokens {args.ppl_tokens} is more than the text's {len(ids)} tokens")
+
+    meta = run_metadata(args, values, loaded, text, len(ids))
+    try:
+        writer = RunWriter(values["out"], meta, resume=args.resume)
+    except ResultsError as err:
+        raise UsageError(str(err)) from None
+
+    cfg = BenchConfig(lengths=values["lengths"], methods=values["methods"], cache_sizes=values["cache_sizes"],
+                      sinks=args.sinks, mode=args.mode, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                      seed=args.seed, ppl_tokens=args.ppl_tokens, ppl_cache=args.ppl_cache,
+                      recompute_ppl=args.recompute_ppl, recompute_samples=args.recompute_samples,
+                      device=values["device"], dtype=args.dtype)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+    bench = Bench(cfg, loaded.model, ids, progress, console, run_dir=values["out"])
+    cells = bench.cells()
+    quality = bench.quality_plan()
+    skipped = 0
+    try:
+        with progress:
+            overall = progress.add_task("[bold]cells", total=len(cells) + len(quality))
+            for method, cache_size, length in cells:
+                key = ("cell", method, cache_size, length, bench.cell_mode(method))
+                if writer.done(key) is not None:
+                    skipped += 1
+                    progress.advance(overall)
+                    continue
+                writer.append(bench.run_cell(method, cache_size, length, writer.records))
+                progress.advance(overall)
+            for method, cache_size in quality:
+                if writer.done(bench.quality_key(method, cache_size)) is None:
+                    writer.append(bench.run_quality(method, cache_size))
+                else:
+                    skipped += 1
+                progress.advance(overall)
+    except KeyboardInterrupt:
+        writer.close()
+        console.print(f"\n[yellow]interrupted[/yellow]: {len(writer.records)} finished record(s) are saved in "
+                      f"{values['out']}. Resume with:\n  {resume_command(argv, values['out'])}")
+        return 130
+    finally:
+        writer.close()
+    if skipped:
+        console.print(f"resumed: {skipped} finished record(s) kept, not run again")
+
+    from .summary import print_summary
+
+    print_summary(writer.records, out_console)
+    if not args.no_report:
+        try:
+            from .report import write_report
+
+            path = write_report([values["out"]], values["out"] / "report.html")
+            console.print(f"report: {path}")
+        except ImportError:
+            pass
+    console.print(f"results: {values['out'] / 'results.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""What `pystream-bench` measures: cells (method x cache size x stream length) and quality (per-token NLL).
+
+Methods are settings of a few mechanisms, as in attention_sinks: "sink" is SinkCache(S, C - S), "window" is the
+same cache with no sinks, "dense" is transformers' DynamicCache, "recompute" runs the model on the last C tokens
+from scratch for every new token.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import measure
+from .baselines import recompute_logits
+from .hf import DynamicCache, SinkCache, WindowCache
+from .quality import nll_dense, nll_recompute, nll_streaming, perplexity, sampled_perplexity
+from .results import cell_key, record
+from .streaming import prefill
+
+METHODS = ("sink", "window", "recompute", "dense")
+STREAMING = ("sink", "window")
+BUCKET_TOKENS = 256
+
+
+@dataclass
+class BenchConfig:
+    lengths: list[int]
+    methods: list[str]
+    cache_sizes: list[int]
+    sinks: int = 4
+    mode: str = "state"
+    batch: int = 1
+    steps: int = 32
+    warmup: int = 3
+    seed: int = 0
+    ppl_tokens: int = 1536
+    ppl_cache: int | None = None
+    recompute_ppl: str = "auto"  # "all", "sample" or "auto" (sample on CPU, all on GPU)
+    recompute_samples: int = 64
+    device: str = "cpu"
+    dtype: str = "float32"
+    checkpoint_every_s: float = 60.0  # --mode stream: save the cache this often, for --resume
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def quality_cache(self) -> int:
+        return self.ppl_cache if self.ppl_cache is not None else min(self.cache_sizes)
+
+
+class TokenSource:
+    """Token ids of the text for B streams; a stream longer than the text cycles it (recorded in each cell).
+    Stream b starts b/B of the way into the text, so that the streams of a batch differ."""
+
+    def __init__(self, ids: np.ndarray, batch: int, device):
+        self.ids = torch.from_numpy(ids.astype(np.int64))
+        self.n = len(ids)
+        self.offsets = torch.tensor([b * self.n // batch for b in range(batch)]).unsqueeze(1)
+        self.device = device
+
+    def get(self, start: int, count: int) -> torch.Tensor:
+        """Tokens start..start+count-1 of every stream: `[batch, count]`."""
+        index = (self.offsets + start + torch.arange(count).unsqueeze(0)) % self.n
+        return self.ids[index].to(self.device)
+
+    def first(self, count: int) -> torch.Tensor:
+        return self.get(0, count)
+
+    def cycles(self, length: int) -> bool:
+        return length > self.n
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig, model, ids: np.ndarray, progress, console=None,
+                 run_dir: Path | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.model = model
+        self.device = torch.device(cfg.device)
+        self.tokens = TokenSource(ids, cfg.batch, self.device)
+        self.progress = progress
+        self.console = console
+        self.config = model.config
+        self.dtype = next(model.parameters()).dtype
+        self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    # ---- the plan ---------------------------------------------------------------------------------------------------
+    def cells(self) -> list[tuple[str, int | None, int]]:
+        """(method, cache size, length) in the order they run: recompute first for each cache size, so that the
+        others can report their speedup over it; dense once per length (it has no cache size)."""
+        plan = []
+        for length in self.cfg.lengths:
+            for cache_size in self.cfg.cache_sizes:
+                for method in ("recompute", "sink", "window"):
+                    if method in self.cfg.methods:
+                        plan.append((method, cache_size, length))
+            if "dense" in self.cfg.methods:
+                plan.append(("dense", None, length))
+        return plan
+
+    def cell_mode(self, method: str) -> str:
+        return "stateless" if method == "recompute" else self.cfg.mode
+
+    # ---- one cell ---------------------------------------------------------------------------------------------------
+    def run_cell(self, method: str, cache_size: int | None, length: int, done: list[dict]) -> dict:
+        common = dict(method=method, cache_size=cache_size, length=length, mode=self.cell_mode(method),
+                      batch=self.cfg.batch, sinks=self.cfg.sinks if method == "sink" else 0,
+                      window=None if cache_size is None else cache_size - (self.cfg.sinks if method == "sink" else 0),
+                      dtype=self.cfg.dtype, device=str(self.device),
+                      text_cycled=self.tokens.cycles(length + self.cfg.warmup + self.cfg.steps))
+        started = time.perf_counter()
+        if method == "dense":
+            needed = length * measure.kv_bytes_per_token(self.config, self.dtype) * self.cfg.batch
+            ok, message = measure.fits(needed, self.device)
+            if not ok:
+                return record("cell", **common, status="oom", error=message, kv_bytes_needed=needed)
+        try:
+            with measure.peak_memory(self.device) as memory:
+                result = getattr(self, f"_cell_{method}")(cache_size, length)
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            self._free()
+            text = str(err).splitlines()[0] if str(err) else type(err).__name__
+            return record("cell", **common, status="oom", error=f"OOM: {text}")
+        latencies = result.pop("latencies_ms")
+        summary = measure.latency_summary(latencies)
+        seconds = sum(latencies) / 1e3
+        tokens_per_s = self.cfg.batch * len(latencies) / seconds
+        kv_read = result.get("kv_bytes", 0)
+        rec = record(
+            "cell", **common, status="ok", latency_ms=summary, timed_steps=len(latencies),
+            warmup_steps=self.cfg.warmup, tokens_per_s=tokens_per_s,
+            # gpt-fast's measure: bytes that must be read per step (weights and the KV attended) over the p50 time
+            achieved_bandwidth_gb_s=(self.param_bytes + kv_read) / (summary["p50"] / 1e3) / 1e9,
+            wall_s=time.perf_counter() - started, **memory, **result,
+        )
+        self._add_speedup(rec, done)
+        self._free()
+        return rec
+
+    def _add_speedup(self, rec: dict, done: list[dict]) -> None:
+        recomputes = {r["cache_size"]: r["latency_ms"]["p50"] for r in done
+                      if r.get("record") == "cell" and r.get("method") == "recompute" and r.get("status") == "ok"
+                      and r.get("length") == rec["length"]}
+        p50 = rec["latency_ms"]["p50"]
+        if rec["method"] == "dense":
+            rec["speedup_vs_recompute"] = {str(cs): v / p50 for cs, v in recomputes.items()} or None
+        elif rec["method"] != "recompute" and rec["cache_size"] in recomputes:
+            rec["speedup_vs_recompute"] = recomputes[rec["cache_size"]] / p50
+        else:
+            rec["speedup_vs_recompute"] = 1.0 if rec["method"] == "recompute" else None
+
+    def _free(self):
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _decode(self, step_fn, start: int, label: str) -> list[float]:
+        """Warm-up, then the timed steps; `step_fn(tokens [batch, 1])` runs one decode step."""
+        total = self.cfg.warmup + self.cfg.steps
+        task = self.progress.add_task(label, total=total)
+        latencies = []
+        try:
+            with torch.inference_mode():
+                for i in range(total):
+                    x = self.tokens.get(start + i, 1)
+                    _, ms = measure.timed(self.device, lambda: step_fn(x))
+                    if i >= self.cfg.warmup:
+                        latencies.append(ms)
+                    self.progress.advance(task)
+        finally:
+            self.progress.remove_task(task)
+        return latencies
+
+    def _streaming_cache(self, method: str, cache_size: int):
+        if method == "sink":
+            return SinkCache(self.cfg.sinks, cache_size - self.cfg.sinks, self.config, batch_size=self.cfg.batch)
+        return WindowCache(cache_size, self.config, batch_size=self.cfg.batch)
+
+    def _checkpoint_path(self, label: str) -> Path | None:
+        if self.run_dir is None or self.cfg.mode != "stream":
+            return None
+        return self.run_dir / "checkpoints" / f"{label}.safetensors"
+
+    def _stream_tokens(self, cache, length: int, label: str, feed) -> None:
+        """Stream tokens 0..length-1 for real through `feed(start, count)`, with a progress bar, resuming from and
+        saving checkpoints (every `checkpoint_every_s`) when the run has a directory."""
+        from . import checkpoint
+
+        path = self._checkpoint_path(label.replace(" ", "-").replace("@", "at"))
+        start = 0
+        if path is not None and path.exists():
+            checkpoint.load(path, cache, self.device)
+            start = cache.seen() if hasattr(cache, "seen") else cache.get_seq_length()
+        task = self.progress.add_task(f"{label}: streaming {length:,} tokens", total=length, completed=start)
+        last_save = time.monotonic()
+        try:
+            position = start
+            while position < length:
+                count = feed(position, length)
+                position += count
+                self.progress.advance(task, count)
+                if path is not None and time.monotonic() - last_save > self.cfg.checkpoint_every_s:
+                    checkpoint.save(path, cache)
+                    last_save = time.monotonic()
+        finally:
+            self.progress.remove_task(task)
+        if path is not None and path.exists():
+            path.unlink()
+
+    def _reach_streaming(self, cache, length: int, label: str) -> None:
+        """Bring a sink/window cache to the state a stream of `length` tokens leaves."""
+        S, capacity = cache.num_sinks, cache.capacity
+        if self.cfg.mode == "stream" or length <= capacity:
+            def feed(position, end):
+                # what fits before eviction in one exact chunk, then one token per forward
+                count = max(1, min(end - position, capacity - position)) if position < capacity else 1
+                prefill(self.model, cache, self.tokens.get(position, count))
+                return count
+
+            self._stream_tokens(cache, length, label, feed)
+            return
+        # state mode: the first S tokens and the W before `length` in one exact chunk, then jump the counters
+        chunk = torch.cat([self.tokens.first(S), self.tokens.get(length - cache.window, cache.window)], dim=1)
+        with torch.inference_mode():
+            self.model(chunk, cache=cache, position_ids=cache.position_ids(chunk.shape[1]))
+        cache.fast_forward(length, keep_window=True)
+
+    def _cell_streaming(self, method: str, cache_size: int, length: int) -> dict:
+        cache = self._streaming_cache(method, cache_size)
+        label = f"{method} {cache_size} @ {length}"
+        setup, ms = measure.timed(self.device, lambda: self._reach_streaming(cache, length, label))
+        reached = cache.seen()  # where timing starts: the state a stream of `length` tokens leaves
+        model = self.model
+
+        def step(x):
+            return model(x, cache=cache, position_ids=cache.position_ids(1))
+
+        latencies = self._decode(step, length, f"{method} {cache_size} @ {length:,}: decoding")
+        ring = cache.ring
+        return dict(latencies_ms=latencies, kv_bytes=cache.kv_bytes, setup_s=ms / 1e3, stream_position=reached,
+                    frame_base=ring.frame_base(0), evicted=max(0, reached - cache.capacity))
+
+    def _cell_sink(self, cache_size, length):
+        return self._cell_streaming("sink", cache_size, length)
+
+    def _cell_window(self, cache_size, length):
+        return self._cell_streaming("window", cache_size, length)
+
+    def _cell_dense(self, cache_size, length) -> dict:
+        cache = DynamicCache(config=self.config)
+        model = self.model
+        # state mode: prefill in exact chunks (dense attends to everything before a chunk); stream: token by token
+        chunk = 1 if self.cfg.mode == "stream" else 1024
+
+        def feed(position, end):
+            count = min(chunk, end - position)
+            with torch.inference_mode():
+                model(self.tokens.get(position, count), cache=cache, use_cache=True)
+            return count
+
+        started = time.perf_counter()
+        self._stream_tokens(cache, length, f"dense @ {length}", feed)
+        setup = time.perf_counter() - started
+        reached = cache.get_seq_length()
+        kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+        latencies = self._decode(lambda x: model(x, cache=cache, use_cache=True), length,
+                                 f"dense @ {length:,}: decoding")
+        return dict(latencies_ms=latencies, kv_bytes=kv_bytes, setup_s=setup, stream_position=reached)
+
+    def _cell_recompute(self, cache_size, length) -> dict:
+        model = self.model
+
+        def step(x, position=[length]):
+            start = max(0, position[0] + 1 - cache_size)
+            context = self.tokens.get(start, position[0] + 1 - start)
+            position[0] += 1
+            return recompute_logits(model, context, cache_size)
+
+        latencies = self._decode(step, length, f"recompute {cache_size} @ {length:,}: decoding")
+        return dict(latencies_ms=latencies, kv_bytes=0, setup_s=0.0)
+
+    # ---- quality ----------------------------------------------------------------------------------------------------
+    def quality_plan(self) -> list[tuple[str, int | None]]:
+        if self.cfg.ppl_tokens <= 1:
+            return []
+        cache_size = self.cfg.quality_cache
+        order = [m for m in ("dense", "sink", "window", "recompute") if m in self.cfg.methods]
+        return [(m, None if m == "dense" else cache_size) for m in order]
+
+    def quality_key(self, method: str, cache_size: int | None) -> tuple:
+        return ("quality", method, cache_size, self.cfg.ppl_tokens, "quality")
+
+    def run_quality(self, method: str, cache_size: int | None) -> dict:
+        n = self.cfg.ppl_tokens
+        ids = self.tokens.first(n)[0].cpu()
+        x = ids.to(self.device)
+        model = self.model
+        task = self.progress.add_task(f"quality: {method}" + (f" {cache_size}" if cache_size else ""), total=n - 1)
+        tick = lambda i: self.progress.update(task, completed=i + 1)  # noqa: E731
+        sampled, sample_size = False, None
+        started = time.perf_counter()
+        try:
+            if method in STREAMING:
+                cache = (SinkCache(self.cfg.sinks, cache_size - self.cfg.sinks, self.config) if method == "sink"
+                         else WindowCache(cache_size, self.config))
+                nll = nll_streaming(model, cache, x, on_step=tick)
+            elif method == "dense":
+                needed = n * measure.kv_bytes_per_token(self.config, self.dtype)
+                ok, message = measure.fits(needed, self.device)
+                if not ok:
+                    return record("quality", method=method, cache_size=cache_size, length=n, mode="quality",
+                                  status="oom", error=message)
+                nll = nll_dense(model, x, on_step=tick)
+            else:
+                sample = self.cfg.recompute_ppl == "sample" or (
+                    self.cfg.recompute_ppl == "auto" and self.device.type == "cpu")
+                positions = None
+                if sample and self.cfg.recompute_samples < n - 1:
+                    rng = random.Random(self.cfg.seed)
+                    positions = sorted(rng.sample(range(n - 1), self.cfg.recompute_samples))
+                    sampled, sample_size = True, len(positions)
+                    self.progress.update(task, total=len(positions))
+                    counter = iter(range(1, len(positions) + 1))
+                    tick = lambda i: self.progress.update(task, completed=next(counter))  # noqa: E731
+                nll = nll_recompute(model, x, cache_size, positions, on_step=tick)
+        finally:
+            self.progress.remove_task(task)
+        if sampled:
+            ppl, low, high = sampled_perplexity(nll)
+            ci = [low, high]
+        else:
+            ppl, ci = perplexity(nll), None
+        buckets = []
+        for start in range(0, n - 1, BUCKET_TOKENS):
+            part = nll[start:start + BUCKET_TOKENS]
+            count = int((~np.isnan(part)).sum())
+            buckets.append({"start": start + 1, "end": min(start + BUCKET_TOKENS, n - 1) + 1, "tokens": count,
+                            "ppl": perplexity(part) if count else None})
+        return record(
+            "quality", method=method, cache_size=cache_size, length=n, mode="quality", status="ok", tokens=n,
+            sinks=self.cfg.sinks if method == "sink" else 0, ppl=ppl, ppl_ci95=ci, sampled=sampled,
+            sample_size=sample_size, buckets=buckets, wall_s=time.perf_counter() - started,
+            nll=[None if math.isnan(v) else round(float(v), 5) for v in nll],
+            pretraining_length=getattr(self.config, "max_position_embeddings", None),
+        )
+
+
+__all__ = ["Bench", "BenchConfig", "METHODS", "TokenSource", "cell_key"]

@@ -1,0 +1,216 @@
+"""pystream-bench end to end at tiny sizes (a tiny random model written to a temporary folder, a short text), and
+every kind of bad input: one line, exit code 2, no traceback, no run directory."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from pystream.cli import main
+
+TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
+        "darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. ") * 4
+
+
+def char_tokenizer():
+    """A character-level tokenizer built offline (ids 0..127 = ASCII), for the tiny models."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(32, 127)}
+    vocab["[UNK]"] = 0
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(folder, safe_serialization=True)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "genesis.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_records(run_dir):
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+def tiny_args(model_dir, text, out, *extra):
+    return ["--model", model_dir, "--text", text, "--out", out, "--lengths", "100,1k", "--cache-sizes", "16,32",
+            "--steps", "4", "--warmup", "1", "--ppl-tokens", "120", "--no-report", *extra]
+
+
+def test_end_to_end_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(tiny_args(tiny_model_dir, text_file, out), capsys)
+    assert code == 0, stderr
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["schema_version"] == 1 and meta["config"]["lengths"] == [100, 1024]
+    assert meta["model"]["kind"] == "folder" and meta["model"]["layers"] == 2
+    assert meta["versions"]["torch"] == torch.__version__ and meta["device"]["threads"] == 1
+    records = read_records(out)
+    cells = [r for r in records if r["record"] == "cell"]
+    # recompute, sink, window at 2 cache sizes, and dense, at 2 lengths
+    assert len(cells) == 2 * (3 * 2 + 1)
+    for cell in cells:
+        assert cell["status"] == "ok", cell
+        assert cell["timed_steps"] == 4 and cell["latency_ms"]["p50"] > 0 and cell["tokens_per_s"] > 0
+        assert cell["latency_ms"]["p50"] <= cell["latency_ms"]["p90"] <= cell["latency_ms"]["p99"]
+        assert cell["peak_rss_bytes"] > 0
+    by = {(c["method"], c["cache_size"], c["length"]): c for c in cells}
+    sink = by[("sink", 32, 1024)]
+    assert (sink["sinks"], sink["window"]) == (4, 28)
+    assert sink["stream_position"] == 1024 and sink["mode"] == "state"
+    assert len(TEXT) < 1024  # one token per character: the 1k stream reads the text more than once...
+    assert sink["text_cycled"] is True  # ...and says so
+    assert by[("sink", 32, 100)]["text_cycled"] is False
+    # KV bytes: 2 layers x (keys + values) x 2 kv heads x 32 slots x 16 features x 4 bytes, plus sink copies and
+    # re-base scratch
+    assert sink["kv_bytes"] == 2 * (2 * 2 * 32 * 16 * 4 + 2 * 2 * 4 * 16 * 4 + 2 * 28 * 8 * 4)
+    assert by[("dense", None, 1024)]["kv_bytes"] == 2 * 2 * 2 * 1024 * 16 * 4
+    assert by[("recompute", 16, 100)]["speedup_vs_recompute"] == 1.0
+    assert by[("sink", 16, 100)]["speedup_vs_recompute"] > 0
+    quality = {r["method"]: r for r in records if r["record"] == "quality"}
+    assert set(quality) == {"sink", "window", "recompute", "dense"}
+    assert len(quality["sink"]["nll"]) == 119 and quality["sink"]["ppl"] > 1
+    assert quality["recompute"]["sampled"] is True and quality["recompute"]["ppl_ci95"][0] <= quality["recompute"]["ppl"]
+    assert quality["sink"]["buckets"][0]["start"] == 1
+    assert "decode per token" in stdout and "quality" in stdout
+
+
+def test_resume_runs_nothing_twice(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, text_file, out, "--methods", "sink,window", "--ppl-tokens", "0")
+    assert run_cli(args, capsys)[0] == 0
+    before = (out / "results.jsonl").read_text()
+    code, _, stderr = run_cli([*args, "--resume"], capsys)
+    assert code == 0
+    assert (out / "results.jsonl").read_text() == before
+    assert re.search(r"resumed: (\d+) finished", stderr).group(1) == str(len(before.splitlines()))
+
+
+def test_dense_that_would_not_fit_is_recorded_as_oom(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    from pystream import measure
+
+    monkeypatch.setattr(measure, "available_bytes", lambda device: 64 * 1024**2)  # pretend 64 MiB are free
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, text_file, out, "--methods", "dense,sink", "--lengths", "2M",
+                     "--ppl-tokens", "0", "--cache-sizes", "16")
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0
+    cells = {r["method"]: r for r in read_records(out)}
+    assert cells["dense"]["status"] == "oom"
+    assert cells["dense"]["error"].startswith("OOM: needs 1.0 GiB, 0.1 GiB available")
+    assert cells["sink"]["status"] == "ok"  # the run goes on
+    assert "OOM" in stdout
+
+
+def test_stream_mode_streams_every_token(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, text_file, out, "--methods", "sink,dense", "--lengths", "300", "--mode",
+                     "stream", "--ppl-tokens", "0", "--cache-sizes", "32")
+    assert run_cli(args, capsys)[0] == 0
+    cells = {r["method"]: r for r in read_records(out)}
+    assert cells["sink"]["mode"] == "stream" and cells["sink"]["stream_position"] == 300
+    assert cells["sink"]["evicted"] == 300 - 32
+    assert cells["dense"]["stream_position"] == 300
+
+
+BAD_INPUTS = [
+    (["--lengths", "4x"], "--lengths: '4x' is not a size"),
+    (["--lengths", "0"], "--lengths: '0' must be positive"),
+    (["--lengths", "-5"], "--lengths: '-5' is not a size"),
+    (["--lengths", "4k,,8k"], "without empty items"),
+    (["--cache-sizes", "4", "--sinks", "4"], "--cache-sizes: 4 is not larger than --sinks 4"),
+    (["--methods", "sink,turbo"], "--methods: unknown method 'turbo'"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--device", "tpu"], "argument --device: invalid choice"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_arguments(args, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, stderr = run_cli([*args, "--out", out], capsys)
+    assert code == 2
+    assert message in stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert not out.exists()
+
+
+def test_bad_files(tiny_model_dir, text_file, tmp_path, capsys):
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    cases = [
+        (["--text", tmp_path / "missing.txt"], "missing.txt: no such file"),
+        (["--text", not_utf8], "latin1.txt: not valid UTF-8 (byte 3 is 0xe9)"),
+        (["--text", empty], "empty.txt: the file is empty"),
+        (["--text", tmp_path], "is a directory, not a text file"),
+        (["--model", tmp_path / "no-such-model"], "is not a local folder or file"),
+        (["--model", "some-org/some-model-that-is-not-here"], "the hub is unreachable"),
+        (["--model", a_file], "is a file, not a model folder"),
+        (["--out", a_file / "run"], "cannot write in"),
+        (["--out", a_file], "exists and is not a directory"),
+        (["--resume", "--out", tmp_path / "nothing-here"], "holds no run to continue"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "run"
+        args = ["--model", tiny_model_dir, "--text", text_file, "--out", out, "--lengths", "64", *map(str, extra)]
+        code, _, stderr = run_cli(args, capsys)
+        assert code == 2, (extra, stderr)
+        assert message in stderr, (extra, stderr)
+        assert "Traceback" not in stderr and stderr.strip().count("\n") == 0, stderr
+        assert not out.exists()
+
+
+def test_pickled_weights_are_refused(tmp_path, text_file, capsys):
+    folder = tmp_path / "pickled"
+    model = tiny_model("llama")
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    (folder / "model.safetensors").unlink()  # leave only a pickle, which would run code when loaded
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    code, _, stderr = run_cli(["--model", folder, "--text", text_file, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and "no safetensors weights" in stderr and "unpickling" in stderr
+
+
+def test_unsupported_model_is_named(tmp_path, text_file, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128)).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    code, _, stderr = run_cli(["--model", folder, "--text", text_file, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and "model type 'gpt2'" in stderr
+
+
+def test_help_shows_examples_and_units():
+    result = subprocess.run([sys.executable, "-m", "pystream.cli", "--help"], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "120"})
+    assert result.returncode == 0
+    assert "pystream-bench --lengths 4k,1M" in result.stdout
+    assert "k = 1024 and M = 1024*1024" in result.stdout
