@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run directory (default runs/<date-time>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished cells")
     run.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    run.add_argument("--profile", action="store_true",
+                     help="after the timed steps of each cell, profile a few more: a per-step breakdown (model "
+                          "forward, cache update, C++ bookkeeping, re-rotation, logits) in the results and a trace "
+                          "for Perfetto or chrome://tracing in RUN_DIR/traces/")
+    run.add_argument("--profile-steps", type=int, default=8, help="profiled steps per cell (default 8)")
     return p
 
 
@@ -124,8 +129,8 @@ def validate(args) -> dict:
         raise UsageError(f"--methods: unknown method {unknown[0] if unknown else args.methods!r}; choose from "
                          f"{', '.join(METHODS)}")
     values["methods"] = list(dict.fromkeys(methods))
-    for name in ("sinks", "steps", "warmup", "batch", "threads", "ppl_tokens", "recompute_samples"):
-        minimum = 1 if name in ("steps", "batch", "threads", "recompute_samples") else 0
+    for name in ("sinks", "steps", "warmup", "batch", "threads", "ppl_tokens", "recompute_samples", "profile_steps"):
+        minimum = 1 if name in ("steps", "batch", "threads", "recompute_samples", "profile_steps") else 0
         if getattr(args, name) is not None and getattr(args, name) < minimum:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
     if "sink" in values["methods"]:
@@ -197,6 +202,7 @@ def run_metadata(args, values, loaded, text, n_tokens) -> dict:
             "ppl_tokens": args.ppl_tokens, "ppl_cache": args.ppl_cache, "recompute_ppl": args.recompute_ppl,
             "recompute_samples": args.recompute_samples, "model": loaded.name, "text": text.name,
             "device_kind": device, "dtype": args.dtype, "threads": args.threads, "seed": args.seed,
+            "profile": args.profile,
         },
         "versions": {"pystream": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "numpy": numpy.__version__, "python": platform.python_version()},
@@ -296,7 +302,8 @@ def _main(argv) -> int:
                       sinks=args.sinks, mode=args.mode, batch=args.batch, steps=args.steps, warmup=args.warmup,
                       seed=args.seed, ppl_tokens=args.ppl_tokens, ppl_cache=args.ppl_cache,
                       recompute_ppl=args.recompute_ppl, recompute_samples=args.recompute_samples,
-                      device=values["device"], dtype=args.dtype)
+                      device=values["device"], dtype=args.dtype, profile=args.profile,
+                      profile_steps=args.profile_steps)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
     bench = Bench(cfg, loaded.model, ids, progress, console, run_dir=values["out"])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.autograd.profiler import record_function
 
 from ._core import SinkRing
 
@@ -120,6 +121,10 @@ class RotationAngles:
         return self.cos, self.sin
 
 
+def out_pass_needed(layer, rot: int) -> bool:
+    return rot < layer.keys.shape[-1]
+
+
 class KVLayer:
     """One layer's buffers. `keys`/`values`: `[batch, kv_heads, capacity, head_dim]`, allocated once, written in
     place. `sink_store`: `[batch, kv_heads, num_sinks, head_dim]`, the sink keys rotated at positions 0..S-1."""
@@ -138,6 +143,12 @@ class KVLayer:
         rot = kv.rotary.rotary_dim if kv.rotary is not None else 0
         # cat(x2, x1) of each stored sink's rotated part, so that placing the sinks takes two ops (rotate_into).
         self.sink_swapped = self.keys.new_zeros(batch, heads, sinks, rot) if sinks and rot else None
+        # Views the steady-state step uses every time, made once.
+        if self.sink_swapped is not None:
+            partial = rot < head_dim
+            self.sink_views = (self.keys[:, :, :sinks, :rot], self.sink_store[:, :, :sinks, :rot], self.sink_swapped,
+                               self.keys[:, :, :sinks, rot:] if partial else None,
+                               self.sink_store[:, :, :sinks, rot:] if partial else None)
         # The sink shift the buffer's sink slots are rotated by, per stream; None: unknown (rotate next time).
         self.sink_shift: list[int] | None = [0] * batch
         # Scratch for in-place rotations (re-base of the window, sinks written in a shifted frame).
@@ -207,6 +218,7 @@ class StreamingKV:
         # may be attended to ([capacity] bool), or None when every occupied slot may.
         self._valid: torch.Tensor | None = None
         self._angle_buffers: dict = {}
+        self.profile = False  # wrap the update in torch.profiler ranges (see pystream-bench --profile)
         self._position_buffers: dict = {}
         if batch_size is not None:
             self._make_ring(batch_size)
@@ -435,11 +447,10 @@ class StreamingKV:
             device = self._device()
         if num_tokens == 1:
             # The decode step reuses one buffer (a tensor from an earlier step is overwritten: use it right away).
-            host, on_device = self._decode_positions(ring.num_streams, device)
+            host, on_device, host_np = self._decode_positions(ring.num_streams, device)
         else:
             host = torch.empty(ring.num_streams, num_tokens, dtype=torch.int64)
-            on_device = None
-        host_np = host.numpy()
+            on_device, host_np = None, host.numpy()
         for b in range(ring.num_streams):
             ring.plan(b, num_tokens, host_np[b])
         if on_device is None:
@@ -451,17 +462,21 @@ class StreamingKV:
         self._planned = positions
         return positions
 
-    @_persistent
     def _decode_positions(self, streams: int, device):
         key = (streams, None if device is None else str(device))
         buffers = self._position_buffers.get(key)
         if buffers is None:
-            host = torch.empty(streams, 1, dtype=torch.int64)
-            on_device = host if device is None or torch.device(device).type == "cpu" else \
-                torch.empty(streams, 1, dtype=torch.int64, device=device)
-            if on_device is not host:
-                host = host.pin_memory() if torch.cuda.is_available() else host
-            buffers = self._position_buffers[key] = (host, on_device)
+            buffers = self._make_decode_positions(key, streams, device)
+        return buffers
+
+    @_persistent
+    def _make_decode_positions(self, key, streams: int, device):
+        host = torch.empty(streams, 1, dtype=torch.int64)
+        on_device = host if device is None or torch.device(device).type == "cpu" else \
+            torch.empty(streams, 1, dtype=torch.int64, device=device)
+        if on_device is not host and torch.cuda.is_available():
+            host = host.pin_memory()
+        buffers = self._position_buffers[key] = (host, on_device, host.numpy())
         return buffers
 
     def _device(self):
@@ -532,15 +547,18 @@ class StreamingKV:
         step = _Step()
         step.n = n
         step.layers_done = 0
+        S = self.num_sinks
         if n == 1:
             step.first_token = None
-            step.slot = ring.step()
+            step.slot = slot = ring.step()
             out = self._out
-            step.slots = out["slot"].tolist()
+            step.slots = slots = out["slot"].tolist()
             step.occupied = int(out["occupied"].max())
             sink_shift = out["sink_shift"].tolist()
             pending = out["pending_shift"].tolist()
-            tokens = [ring.seen(b) - 1 for b in range(ring.num_streams)]
+            # Sink slots hold sink tokens only, and token t < S goes to slot t.
+            step.sink_writes = [(b, s, ring.frame_base(b)) for b, s in enumerate(slots) if s < S] \
+                if S and (slot < 0 or slot < S) else None
         else:
             first = ring.seen(0)
             pending = [ring.take_pending_shift(b) for b in range(ring.num_streams)]
@@ -551,19 +569,22 @@ class StreamingKV:
             step.slots = None
             step.occupied = first + n
             sink_shift = [ring.sink_shift(b) for b in range(ring.num_streams)]
-            tokens = [first + n - 1] * ring.num_streams
+            # Sinks written this step, per stream: (token index, frame base at the write).
+            step.sink_writes = [(b, t, ring.frame_base(b)) for b in range(ring.num_streams)
+                                for t in range(first, min(first + n, S))] or None
         step.sink_shift = sink_shift
-        # Sinks written this step, per stream: (token index, frame base at the write).
-        step.sink_writes = [
-            (b, t, ring.frame_base(b)) for b in range(ring.num_streams) for t in
-            (range(step.first_token, min(step.first_token + n, self.num_sinks)) if n > 1 else [tokens[b]])
-            if t < self.num_sinks
-        ]
         step.rebase = pending if any(pending) else None
         self._step = step
 
     def update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
                position_ids: torch.Tensor | None = None):
+        if self.profile:  # named ranges for torch.profiler; off by default (they cost a few us each)
+            with record_function("pystream::cache_update"):
+                return self._update(layer_idx, key_states, value_states, position_ids)
+        return self._update(layer_idx, key_states, value_states, position_ids)
+
+    def _update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
+                position_ids: torch.Tensor | None = None):
         """Write the new keys/values of `layer_idx` in place and return the keys/values to attend to.
 
         `position_ids` (read by layer 0 only): the positions the model rotated the new tokens with, when known;
@@ -574,7 +595,11 @@ class StreamingKV:
         cache is full, when slot order is arrival order.
         """
         if layer_idx == 0:
-            self.begin_step(key_states, position_ids)
+            if self.profile:
+                with record_function("pystream::bookkeeping"):
+                    self.begin_step(key_states, position_ids)
+            else:
+                self.begin_step(key_states, position_ids)
         step = self._step
         if step is None or step.layers_done != layer_idx:
             raise RuntimeError(
@@ -595,12 +620,13 @@ class StreamingKV:
         n = step.n
 
         if step.rebase is not None:
-            self._rebase_window(layer, step)
+            with record_function("pystream::rerotate"):
+                self._rebase_window(layer, step)
 
         if n == 1 and step.slot >= 0:
             s = step.slot
-            layer.keys[:, :, s].copy_(key_states[:, :, 0])
-            layer.values[:, :, s].copy_(value_states[:, :, 0])
+            layer.keys.select(2, s).copy_(key_states.select(2, 0))
+            layer.values.select(2, s).copy_(value_states.select(2, 0))
         elif n == 1:
             for b, s in enumerate(step.slots):
                 layer.keys[b, :, s].copy_(key_states[b, :, 0])
@@ -613,12 +639,18 @@ class StreamingKV:
         if step.sink_writes:
             self._store_sinks(layer, step, key_states)
         if S:
-            self._place_sinks(layer, step)
+            if self.profile:
+                with record_function("pystream::rerotate"):
+                    self._place_sinks(layer, step)
+            else:
+                self._place_sinks(layer, step)
 
         step.layers_done += 1
         if self._valid is not None:
             return self._attend_valid(layer, step)
         occ = step.occupied
+        if occ == self.capacity:  # the steady state: the whole buffer, no view to make
+            return layer.keys, layer.values
         return layer.keys[:, :, :occ], layer.values[:, :, :occ]
 
     def _attend_valid(self, layer: KVLayer, step: _Step):
@@ -678,9 +710,15 @@ class StreamingKV:
             return
         if step.sink_cos is None:
             step.sink_cos, step.sink_sin = self._angles(layer, "sink")(step.sink_shift)
-        rot = self.rotary.rotary_dim
-        rotate_into(layer.keys[:, :, :occupied_sinks, :rot], layer.sink_store[:, :, :occupied_sinks, :rot],
-                    layer.sink_swapped[:, :, :occupied_sinks], step.sink_cos, step.sink_sin)
-        if rot < layer.keys.shape[-1]:
-            layer.keys[:, :, :occupied_sinks, rot:].copy_(layer.sink_store[:, :, :occupied_sinks, rot:])
-        layer.sink_shift = list(step.sink_shift)
+        if occupied_sinks == self.num_sinks:
+            out, src, swapped, out_pass, src_pass = layer.sink_views
+        else:  # the first tokens of a stream
+            rot = self.rotary.rotary_dim
+            out, src = layer.keys[:, :, :occupied_sinks, :rot], layer.sink_store[:, :, :occupied_sinks, :rot]
+            swapped = layer.sink_swapped[:, :, :occupied_sinks]
+            out_pass = layer.keys[:, :, :occupied_sinks, rot:] if out_pass_needed(layer, rot) else None
+            src_pass = layer.sink_store[:, :, :occupied_sinks, rot:] if out_pass is not None else None
+        rotate_into(out, src, swapped, step.sink_cos, step.sink_sin)
+        if out_pass is not None:  # partial rotary (GPT-NeoX): the rest of the head is not rotated
+            out_pass.copy_(src_pass)
+        layer.sink_shift = step.sink_shift

@@ -275,6 +275,33 @@ def fig_ppl_bars(runs):
     return fig
 
 
+PROFILE_PARTS = [("model_ms", "model forward (attention, MLP, norms)", "#8c8c8c"),
+                 ("cache_update_ms", "cache update", "#1f77b4"),
+                 ("bookkeeping_ms", "C++ bookkeeping", "#9467bd"),
+                 ("rerotate_ms", "position re-rotation", "#ff7f0e"),
+                 ("logits_ms", "logits (LM head)", "#2ca02c"),
+                 ("other_ms", "other (positions, masks, driver)", "#d9d9d9")]
+
+
+def fig_profile(runs):
+    import plotly.graph_objects as go
+
+    cells = [(label, c) for label, run in runs for c in _cells(run, "ok") if c.get("profile")]
+    if not cells:
+        return None
+    names = [esc(f"{series_name(c)} @ {c['length']:,}" + _run_suffix(runs, label)) for label, c in cells]
+    fig = go.Figure()
+    for key, title, color in PROFILE_PARTS:
+        values = [c["profile"]["ms_per_step"].get(key, 0.0) for _, c in cells]
+        fig.add_trace(go.Bar(x=names, y=values, name=title, marker_color=color,
+                             hovertemplate="%{x}<br>" + title + ": %{y:.3f} ms per step<extra></extra>"))
+    fig.update_layout(barmode="stack", title="Where a decode step goes (torch.profiler ranges, --profile; profiler "
+                      "overhead included)")
+    fig.update_yaxes(title_text="milliseconds per decode step")
+    fig.update_xaxes(title_text="cell")
+    return fig
+
+
 FIGURES = [
     ("latency", fig_latency_vs_cache),
     ("throughput", fig_throughput_vs_length),
@@ -282,6 +309,7 @@ FIGURES = [
     ("kv", fig_kv_vs_length),
     ("ppl-position", fig_ppl_by_position),
     ("ppl", fig_ppl_bars),
+    ("profile", fig_profile),
 ]
 EXTRA_FIGURES: list = []  # later sections register (name, function) here: ablations, attention maps, profiles
 

@@ -18,7 +18,7 @@ import torch
 
 from . import measure
 from .baselines import recompute_logits
-from .hf import DynamicCache, SinkCache, WindowCache
+from .hf import DynamicCache, SinkCache, WindowCache, decode_attention_mask
 from .quality import nll_dense, nll_recompute, nll_streaming, perplexity, sampled_perplexity
 from .results import cell_key, record
 from .streaming import prefill
@@ -46,6 +46,8 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "float32"
     checkpoint_every_s: float = 60.0  # --mode stream: save the cache this often, for --resume
+    profile: bool = False  # --profile: a profiled pass after the timed steps, with a trace and a breakdown
+    profile_steps: int = 8
     extra: dict = field(default_factory=dict)
 
     @property
@@ -88,6 +90,33 @@ class Bench:
         self.config = model.config
         self.dtype = next(model.parameters()).dtype
         self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self._profiling = False
+
+    def _forward(self, input_ids, **kwargs):
+        """One forward of the model; split into named ranges during a profiled pass."""
+        if self._profiling:
+            from .profiling import split_forward
+
+            return split_forward(self.model, input_ids, **kwargs)
+        return self.model(input_ids, **kwargs).logits
+
+    def _profile(self, step_fn, start: int, label: str, cache=None) -> dict:
+        """A profiled pass of `profile_steps` more decode steps (after the timed ones, so that timing is clean)."""
+        from .profiling import profile_steps
+
+        kv = getattr(cache, "kv", None)
+        self._profiling = True
+        if kv is not None:
+            kv.profile = True
+        try:
+            with torch.inference_mode():
+                return profile_steps(lambda i: step_fn(self.tokens.get(start + i, 1)), self.cfg.profile_steps,
+                                     self.device, None if self.run_dir is None else
+                                     self.run_dir / "traces" / f"{label.replace(' ', '-').replace('@', 'at')}.json")
+        finally:
+            self._profiling = False
+            if kv is not None:
+                kv.profile = False
 
     # ---- the plan ---------------------------------------------------------------------------------------------------
     def cells(self) -> list[tuple[str, int | None, int]]:
@@ -234,15 +263,20 @@ class Bench:
         label = f"{method} {cache_size} @ {length}"
         setup, ms = measure.timed(self.device, lambda: self._reach_streaming(cache, length, label))
         reached = cache.seen()  # where timing starts: the state a stream of `length` tokens leaves
-        model = self.model
+        mask = decode_attention_mask(self.model, self.cfg.batch, cache.capacity)
 
         def step(x):
-            return model(x, cache=cache, position_ids=cache.position_ids(1))
+            full = cache.kv.attended(1) == cache.capacity
+            return self._forward(x, cache=cache, position_ids=cache.position_ids(1),
+                                 attention_mask=mask if full else None)
 
         latencies = self._decode(step, length, f"{method} {cache_size} @ {length:,}: decoding")
         ring = cache.ring
-        return dict(latencies_ms=latencies, kv_bytes=cache.kv_bytes, setup_s=ms / 1e3, stream_position=reached,
-                    frame_base=ring.frame_base(0), evicted=max(0, reached - cache.capacity))
+        result = dict(latencies_ms=latencies, kv_bytes=cache.kv_bytes, setup_s=ms / 1e3, stream_position=reached,
+                      frame_base=ring.frame_base(0), evicted=max(0, reached - cache.capacity))
+        if self.cfg.profile:
+            result["profile"] = self._profile(step, length + self.cfg.warmup + self.cfg.steps, label, cache)
+        return result
 
     def _cell_sink(self, cache_size, length):
         return self._cell_streaming("sink", cache_size, length)
@@ -251,7 +285,9 @@ class Bench:
         return self._cell_streaming("window", cache_size, length)
 
     def _cell_dense(self, cache_size, length) -> dict:
-        cache = DynamicCache(config=self.config)
+        from .profiling import ProfiledDynamicCache
+
+        cache = (ProfiledDynamicCache if self.cfg.profile else DynamicCache)(config=self.config)
         model = self.model
         # state mode: prefill in exact chunks (dense attends to everything before a chunk); stream: token by token
         chunk = 1 if self.cfg.mode == "stream" else 1024
@@ -267,9 +303,15 @@ class Bench:
         setup = time.perf_counter() - started
         reached = cache.get_seq_length()
         kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
-        latencies = self._decode(lambda x: model(x, cache=cache, use_cache=True), length,
-                                 f"dense @ {length:,}: decoding")
-        return dict(latencies_ms=latencies, kv_bytes=kv_bytes, setup_s=setup, stream_position=reached)
+        def step(x):
+            mask = decode_attention_mask(model, self.cfg.batch, cache.get_seq_length() + 1)
+            return self._forward(x, cache=cache, use_cache=True, attention_mask=mask)
+
+        latencies = self._decode(step, length, f"dense @ {length:,}: decoding")
+        result = dict(latencies_ms=latencies, kv_bytes=kv_bytes, setup_s=setup, stream_position=reached)
+        if self.cfg.profile:
+            result["profile"] = self._profile(step, length + self.cfg.warmup + self.cfg.steps, f"dense @ {length}")
+        return result
 
     def _cell_recompute(self, cache_size, length) -> dict:
         model = self.model
@@ -278,10 +320,17 @@ class Bench:
             start = max(0, position[0] + 1 - cache_size)
             context = self.tokens.get(start, position[0] + 1 - start)
             position[0] += 1
+            if self._profiling:
+                positions = torch.arange(context.shape[1], device=context.device).expand(context.shape[0], -1)
+                return self._forward(context, position_ids=positions, use_cache=False)
             return recompute_logits(model, context, cache_size)
 
         latencies = self._decode(step, length, f"recompute {cache_size} @ {length:,}: decoding")
-        return dict(latencies_ms=latencies, kv_bytes=0, setup_s=0.0)
+        result = dict(latencies_ms=latencies, kv_bytes=0, setup_s=0.0)
+        if self.cfg.profile:
+            result["profile"] = self._profile(step, length + self.cfg.warmup + self.cfg.steps,
+                                              f"recompute {cache_size} @ {length}")
+        return result
 
     # ---- quality ----------------------------------------------------------------------------------------------------
     def quality_plan(self) -> list[tuple[str, int | None]]:

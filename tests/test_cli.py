@@ -214,3 +214,24 @@ def test_help_shows_examples_and_units():
     assert result.returncode == 0
     assert "pystream-bench --lengths 4k,1M" in result.stdout
     assert "k = 1024 and M = 1024*1024" in result.stdout
+
+
+def test_profile_writes_traces_and_a_breakdown(tiny_model_dir, text_file, tmp_path, capsys):
+    import gzip
+
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, text_file, out, "--lengths", "200", "--cache-sizes", "32", "--ppl-tokens",
+                     "0", "--profile", "--profile-steps", "3", "--methods", "sink,dense,recompute")
+    assert run_cli(args, capsys)[0] == 0
+    cells = {r["method"]: r for r in read_records(out)}
+    for method, cell in cells.items():
+        parts = cell["profile"]["ms_per_step"]
+        assert cell["profile"]["steps"] == 3 and parts["step_ms"] > 0 and parts["logits_ms"] > 0
+        trace = json.loads(gzip.open(out / "traces" / cell["profile"]["trace"]).read())
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert {"pystream::step", "pystream::forward", "pystream::logits"} <= names
+        if method != "recompute":
+            assert "pystream::cache_update" in names and parts["cache_update_ms"] > 0
+    assert cells["sink"]["profile"]["ms_per_step"]["bookkeeping_ms"] > 0
+    assert cells["sink"]["profile"]["ms_per_step"]["rerotate_ms"] > 0
+    assert cells["recompute"]["profile"]["ms_per_step"]["cache_update_ms"] == 0

@@ -1,0 +1,90 @@
+"""Where the time of a decode step goes: torch.profiler ranges around the model forward, the cache update, the C++
+bookkeeping, the re-rotation of positions and the logits; a trace that opens in Perfetto or chrome://tracing; and a
+per-step breakdown for the results."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+
+from .hf import DynamicCache
+
+STEP, FORWARD, LOGITS = "pystream::step", "pystream::forward", "pystream::logits"
+CACHE_UPDATE, BOOKKEEPING, REROTATE = "pystream::cache_update", "pystream::bookkeeping", "pystream::rerotate"
+# The breakdown's parts, in the order the report stacks them; together they make up the step.
+PARTS = ("model_ms", "cache_update_ms", "bookkeeping_ms", "rerotate_ms", "logits_ms", "other_ms")
+
+
+class ProfiledDynamicCache(DynamicCache):
+    """transformers' DynamicCache with its update in a named profiler range (a subclass, nothing patched)."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        with record_function(CACHE_UPDATE):
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def split_forward(model, input_ids, **kwargs) -> torch.Tensor:
+    """model(...) as its decoder then its LM head on the last position, each in its own range. Returns the
+    `[batch, 1, vocab]` logits."""
+    with record_function(FORWARD):
+        hidden = model.get_decoder()(input_ids, **kwargs).last_hidden_state
+    with record_function(LOGITS):
+        return model.get_output_embeddings()(hidden[:, -1:])
+
+
+def profile_steps(step, steps: int, device, trace_path: Path | None) -> dict:
+    """Run `step(i)` `steps` times under torch.profiler; returns the per-step breakdown in milliseconds."""
+    activities = [ProfilerActivity.CPU]
+    if torch.device(device).type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            with record_function(STEP):
+                step(i)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+    totals = defaultdict(float)
+    for event in prof.events():
+        if event.name.startswith("pystream::"):
+            totals[event.name] += event.cpu_time_total / 1e3  # us -> ms, inclusive of what runs inside
+    per = {name: value / steps for name, value in totals.items()}
+    update = per.get(CACHE_UPDATE, 0.0)
+    bookkeeping, rerotate = per.get(BOOKKEEPING, 0.0), per.get(REROTATE, 0.0)
+    forward, logits, total = per.get(FORWARD, 0.0), per.get(LOGITS, 0.0), per.get(STEP, 0.0)
+    breakdown = {
+        "model_ms": max(forward - update, 0.0),  # attention, MLP, norms, embeddings
+        "cache_update_ms": max(update - bookkeeping - rerotate, 0.0),  # writing KV, slicing what to attend to
+        "bookkeeping_ms": bookkeeping,  # the C++ ring and the per-step Python around it
+        "rerotate_ms": rerotate,  # sink placement and re-basing of positions
+        "logits_ms": logits,
+        "other_ms": max(total - forward - logits, 0.0),  # position ids, masks, the driver
+        "step_ms": total,
+    }
+    result = {"steps": steps, "ms_per_step": breakdown}
+    if trace_path is not None:
+        result["trace"] = _export_gzipped(prof, trace_path)
+    return result
+
+
+def _export_gzipped(prof, trace_path: Path) -> str:
+    """The Chrome trace, gzipped (Perfetto and chrome://tracing open .json.gz; a few steps are ~10 MB raw)."""
+    import gzip
+    import os
+    import shutil
+    import tempfile
+
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    target = trace_path.with_name(trace_path.name + ".gz")
+    fd, raw = tempfile.mkstemp(suffix=".json", dir=trace_path.parent)
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, gzip.open(target, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+    finally:
+        os.unlink(raw)
+    return target.name
