@@ -4,7 +4,18 @@
 `SinkRing` is the C++ bookkeeping core underneath them.
 """
 
-from ._core import SinkRing
+import os as _os
+
+if _os.environ.get("PYSTREAM_CORE"):
+    # Load the C++ core from another build, e.g. the sanitizer build that .ci/run tests (see CMakeLists.txt).
+    import importlib.util as _util
+    import sys as _sys
+
+    _spec = _util.spec_from_file_location(f"{__name__}._core", _os.environ["PYSTREAM_CORE"])
+    _sys.modules[_spec.name] = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_sys.modules[_spec.name])
+
+from ._core import SinkRing  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -159,6 +159,12 @@ def check_out_dir(out: Path, resume: bool) -> None:
     if resume:
         if not (out / "run.json").is_file():
             raise UsageError(f"--resume: {out} holds no run to continue (no run.json)")
+        from .results import ResultsError, load_run
+
+        try:
+            load_run(out)  # a damaged or newer results file is reported now, before any work
+        except ResultsError as err:
+            raise UsageError(str(err)) from None
     elif out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: already holds files; pass --resume to continue that run, or choose another "
                          "directory")

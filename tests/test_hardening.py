@@ -1,0 +1,133 @@
+"""Killed and concurrent runs, damaged results files: pystream-bench loses nothing and says what is wrong."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pystream.results import read_results
+from test_cli import char_tokenizer, run_cli, tiny_model  # noqa: F401 (fixtures below reuse them)
+
+SLOW_ARGS = ["--methods", "sink,window", "--lengths", "100,200,300", "--cache-sizes", "32", "--steps", "1500",
+             "--warmup", "1", "--ppl-tokens", "0", "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_text("In the beginning God created the heaven and the earth. " * 40)
+    return path
+
+
+def start(model_dir, text, out, *extra):
+    cmd = [sys.executable, "-m", "pystream.cli", "--model", str(model_dir), "--text", str(text), "--out", str(out),
+           *SLOW_ARGS, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_records(out, count, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = out / "results.jsonl"
+        if path.exists() and len(path.read_bytes().splitlines()) >= count:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("no records appeared")
+
+
+def keys(records):
+    return [(r["method"], r["cache_size"], r["length"], r["mode"]) for r in records]
+
+
+def test_sigkill_mid_cell_then_resume(model_dir, text, tmp_path):
+    out = tmp_path / "run"
+    proc = start(model_dir, text, out)
+    wait_for_records(out, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    records, _ = read_results(out / "results.jsonl")  # still parses
+    assert 2 <= len(records) < 6
+    finished = (out / "results.jsonl").read_bytes()
+    for rec in records:
+        assert rec["status"] == "ok" and rec["timed_steps"] == 1500  # every finished cell is whole
+    code = subprocess.run([sys.executable, "-m", "pystream.cli", "--model", str(model_dir), "--text", str(text),
+                           "--out", str(out), *SLOW_ARGS, "--resume"], capture_output=True, text=True).returncode
+    assert code == 0
+    after, _ = read_results(out / "results.jsonl")
+    assert len(after) == 6 and len(set(keys(after))) == 6  # completed, nothing repeated
+    assert (out / "results.jsonl").read_bytes().startswith(finished)  # finished cells untouched
+
+
+def test_ctrl_c_ends_cleanly_with_a_resume_hint(model_dir, text, tmp_path):
+    out = tmp_path / "run"
+    proc = start(model_dir, text, out)
+    wait_for_records(out, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr and "--resume" in stderr and str(out) in stderr.replace("\n", "")
+    records, _ = read_results(out / "results.jsonl")
+    assert records and all(r["status"] == "ok" for r in records)
+
+
+def test_a_second_run_on_the_same_directory_refuses(model_dir, text, tmp_path):
+    out = tmp_path / "run"
+    proc = start(model_dir, text, out)
+    try:
+        wait_for_records(out, 1, proc)
+        second = subprocess.run([sys.executable, "-m", "pystream.cli", "--model", str(model_dir), "--text",
+                                 str(text), "--out", str(out), *SLOW_ARGS, "--resume"], capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 2
+        assert "another pystream-bench run is writing here" in second.stderr
+        third = subprocess.run([sys.executable, "-m", "pystream.cli", "--model", str(model_dir), "--text",
+                                str(text), "--out", str(out), *SLOW_ARGS], capture_output=True, text=True,
+                               timeout=120)
+        assert third.returncode == 2 and "already holds files" in third.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_damaged_results_file(model_dir, text, tmp_path, capsys):
+    out = tmp_path / "run"
+    fast = ["--model", model_dir, "--text", text, "--out", out, "--methods", "sink", "--lengths", "64,128",
+            "--cache-sizes", "32", "--steps", "2", "--ppl-tokens", "0", "--no-report"]
+    assert run_cli(fast, capsys)[0] == 0
+    path = out / "results.jsonl"
+    good = path.read_text()
+    # a torn last line (a kill in the middle of a write) is dropped on resume
+    path.write_text(good + '{"schema": "pystream.results", "schema_vers')
+    assert run_cli([*fast, "--resume"], capsys)[0] == 0
+    assert path.read_text() == good
+    # a line edited by hand into invalid JSON is reported with the file and line, exit 2
+    lines = good.splitlines()
+    path.write_text(lines[0][:-5] + "\n" + lines[1] + "\n")
+    code, _, stderr = run_cli([*fast, "--resume"], capsys)
+    assert code == 2 and f"{path}:1: invalid JSON" in stderr and stderr.count("\n") == 1
+    from pystream.report import main as report_main
+
+    assert report_main([str(out)]) == 2
+    assert f"{path}:1: invalid JSON" in capsys.readouterr().err
+    # a results file from a newer schema version
+    newer = json.loads(lines[0])
+    newer["schema_version"] = 99
+    path.write_text(json.dumps(newer) + "\n")
+    code, _, stderr = run_cli([*fast, "--resume"], capsys)
+    assert code == 2 and "newer pystream (schema_version 99" in stderr
