@@ -40,8 +40,9 @@ def check_counters(cache, seen):
         problems.append(f"seen {ring.seen(0)} != {seen}")
     if ring.evicted_count(0) != max(0, seen - capacity):
         problems.append(f"evicted {ring.evicted_count(0)} != {max(0, seen - capacity)}")
-    if not 0 <= ring.next_position(0) <= ring.max_position:
-        problems.append(f"next position {ring.next_position(0)} outside 0..{ring.max_position}")
+    # positions handed out stay <= max_position; after the step that used the last one, the next is one more
+    if not 0 <= ring.next_position(0) <= ring.max_position + 1:
+        problems.append(f"next position {ring.next_position(0)} outside 0..{ring.max_position + 1}")
     held = sorted(ring.token_in_slot(0, s) for s in range(capacity))
     expected = list(range(min(S, seen))) + list(range(max(S, seen - W), seen))
     if held != expected:
@@ -66,12 +67,13 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     compare_from = args.tokens - CHECK_STEPS
     reference, worst = None, 0.0
-    block = torch.randint(0, vocab, (1, args.sample_every), generator=generator)
+    # One token buffer, refilled in place: the soak itself must not churn the allocator it is watching.
+    block = torch.empty(1, args.sample_every, dtype=torch.long)
     with torch.inference_mode():
         for t in range(args.tokens):
             i = t % args.sample_every
-            if i == 0 and t:
-                block = torch.randint(0, vocab, (1, args.sample_every), generator=generator)
+            if i == 0:
+                torch.randint(0, vocab, (1, args.sample_every), generator=generator, out=block)
             x = block[:, i:i + 1]
             if t == compare_from:
                 reference = reference_from(cache, model)

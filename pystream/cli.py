@@ -22,6 +22,8 @@ examples:
       only the streaming caches, four independent streams decoded together
   pystream-bench --model ./my-llama --text book.txt --lengths 16k --mode stream --ppl-tokens 12288
       your own model folder and text, streaming every token up to 16k for real
+  pystream-bench --experiment paper
+      the paper's five findings on the bundled model, with our numbers beside the paper's (~35 minutes)
 """
 
 DEFAULT_PPL_TOKENS = 1536
@@ -96,11 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--text", default=None, help="the bundled kjv (default) or a UTF-8 text file")
     inputs.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model folder or hub id to run its own code (off by default)")
+    exp = p.add_argument_group("the paper's experiments (--experiment paper)")
+    exp.add_argument("--experiment", choices=("paper",), default=None,
+                     help="instead of cells: reproduce the paper's findings (perplexity past the pre-training "
+                          "window, number of sinks, cache size, where attention goes, long-stream stability)")
+    exp.add_argument("--parts", default="ppl,sinks,cache,attention,stability",
+                     help="which findings (default all): ppl, sinks, cache, attention, stability")
+    exp.add_argument("--experiment-tokens", default="12k",
+                     help="tokens streamed for ppl and sinks (default 12k = 12,288, past the bundled model's 8k)")
+    exp.add_argument("--experiment-cache", type=int, default=256,
+                     help="total cache for ppl, sinks and stability (default 256)")
+    exp.add_argument("--cache-tokens", default="4k", help="tokens streamed for the cache-size finding (default 4k)")
+    exp.add_argument("--stability-tokens", default=None,
+                     help="stream a separate sink stream this long for stability (for example 1M); default: "
+                          "analyse the ppl stream")
     run = p.add_argument_group("how to run")
     run.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    run.add_argument("--threads", type=int, default=1,
-                     help="torch CPU threads (default 1: the steadiest per-step timings)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default 1, the steadiest per-step timings; with --experiment, every "
+                          "core, since it measures perplexity, not time)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", default=None, help="run directory (default runs/<date-time>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished cells")
@@ -129,6 +146,25 @@ def validate(args) -> dict:
         raise UsageError(f"--methods: unknown method {unknown[0] if unknown else args.methods!r}; choose from "
                          f"{', '.join(METHODS)}")
     values["methods"] = list(dict.fromkeys(methods))
+    if args.threads is None:
+        args.threads = (os.cpu_count() or 1) if args.experiment else 1
+    if args.experiment:
+        parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+        from .experiments import PARTS
+
+        unknown = [p for p in parts if p not in PARTS]
+        if unknown or not parts:
+            raise UsageError(f"--parts: unknown part {unknown[0] if unknown else args.parts!r}; choose from "
+                             f"{', '.join(PARTS)}")
+        values["parts"] = parts
+        values["experiment_tokens"] = parse_size(args.experiment_tokens, "--experiment-tokens")
+        values["cache_tokens"] = parse_size(args.cache_tokens, "--cache-tokens")
+        values["stability_tokens"] = (parse_size(args.stability_tokens, "--stability-tokens")
+                                      if args.stability_tokens else None)
+        if args.experiment_cache <= 8:
+            raise UsageError(f"--experiment-cache {args.experiment_cache} must be larger than the 8 sinks tried")
+        if values["experiment_tokens"] <= args.experiment_cache:
+            raise UsageError("--experiment-tokens must be longer than --experiment-cache, or nothing is evicted")
     for name in ("sinks", "steps", "warmup", "batch", "threads", "ppl_tokens", "recompute_samples", "profile_steps"):
         minimum = 1 if name in ("steps", "batch", "threads", "recompute_samples", "profile_steps") else 0
         if getattr(args, name) is not None and getattr(args, name) < minimum:
@@ -208,7 +244,9 @@ def run_metadata(args, values, loaded, text, n_tokens) -> dict:
             "ppl_tokens": args.ppl_tokens, "ppl_cache": args.ppl_cache, "recompute_ppl": args.recompute_ppl,
             "recompute_samples": args.recompute_samples, "model": loaded.name, "text": text.name,
             "device_kind": device, "dtype": args.dtype, "threads": args.threads, "seed": args.seed,
-            "profile": args.profile,
+            "profile": args.profile, "experiment": args.experiment,
+            "parts": values.get("parts"), "experiment_tokens": values.get("experiment_tokens"),
+            "experiment_cache": args.experiment_cache if args.experiment else None,
         },
         "versions": {"pystream": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "numpy": numpy.__version__, "python": platform.python_version()},
@@ -233,6 +271,48 @@ def resume_command(argv, out: Path) -> str:
     if "--resume" not in words:
         words.append("--resume")
     return shlex.join(["pystream-bench", *words])
+
+
+def _run_experiment(args, values, loaded, ids, writer, meta, console, out_console, argv) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+    from rich.table import Table
+
+    from .experiments import PaperConfig, PaperExperiment, paper_table
+
+    cfg = PaperConfig(parts=values["parts"], tokens=values["experiment_tokens"], cache=args.experiment_cache,
+                      cache_tokens=values["cache_tokens"], stability_tokens=values["stability_tokens"],
+                      recompute_samples=max(args.recompute_samples, 96), seed=args.seed)
+    needed = max(cfg.tokens, cfg.cache_tokens, cfg.stability_tokens or 0)
+    if needed > len(ids):
+        console.print(f"[yellow]note[/yellow]: the text has {len(ids):,} tokens; longer streams cycle it")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    started = time.perf_counter()
+    try:
+        with progress:
+            PaperExperiment(cfg, loaded.model, ids, writer, progress, values["device"], values["out"]).run()
+    except KeyboardInterrupt:
+        writer.close()
+        console.print(f"\n[yellow]interrupted[/yellow]: {len(writer.records)} finished record(s) are saved in "
+                      f"{values['out']}. Resume with:\n  {resume_command(argv, values['out'])}")
+        return 130
+    finally:
+        writer.close()
+    table = Table(title=f"the paper's findings on {loaded.name} (ours) beside the paper's", title_justify="left")
+    for name in ("finding", "setting", "ours", "paper", "paper's setting"):
+        table.add_column(name, justify="right" if name in ("ours", "paper") else "left")
+    for row in paper_table(writer.records):
+        table.add_row(row["finding"], row["setting"], f"{row['ours']:.2f}",
+                      "-" if row["paper"] is None else f"{row['paper']:.2f}", row["paper_setting"])
+    out_console.print(table)
+    console.print(f"experiment finished in {(time.perf_counter() - started) / 60:.1f} min")
+    if not args.no_report:
+        from .report import write_report
+
+        console.print(f"report: {write_report([values['out']], values['out'] / 'report.html')}")
+    console.print(f"results: {values['out'] / 'results.jsonl'}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -304,6 +384,9 @@ def _main(argv) -> int:
     except ResultsError as err:
         raise UsageError(str(err)) from None
 
+    if args.experiment:
+        return _run_experiment(args, values, loaded, ids, writer, meta, console, out_console, argv)
+
     cfg = BenchConfig(lengths=values["lengths"], methods=values["methods"], cache_sizes=values["cache_sizes"],
                       sinks=args.sinks, mode=args.mode, batch=args.batch, steps=args.steps, warmup=args.warmup,
                       seed=args.seed, ppl_tokens=args.ppl_tokens, ppl_cache=args.ppl_cache,
@@ -320,8 +403,7 @@ def _main(argv) -> int:
         with progress:
             overall = progress.add_task("[bold]cells", total=len(cells) + len(quality))
             for method, cache_size, length in cells:
-                key = ("cell", method, cache_size, length, bench.cell_mode(method))
-                if writer.done(key) is not None:
+                if writer.done(bench.cell_key(method, cache_size, length)) is not None:
                     skipped += 1
                     progress.advance(overall)
                     continue

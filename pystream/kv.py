@@ -386,6 +386,8 @@ class StreamingKV:
     def restore(self, snapshot: dict, device=None) -> None:
         """Put back a `snapshot()` of a cache with the same geometry. Layers not allocated yet are allocated (on
         `device`, default where the snapshot's tensors are)."""
+        if self.ring is None and len(snapshot.get("geometry", ())) == 4:
+            self._make_ring(int(snapshot["geometry"][3]))
         ring = self._require_ring()
         geometry = (self.num_sinks, self.window, self.rebase_interval, ring.num_streams)
         if tuple(snapshot.get("geometry", ())) != geometry:

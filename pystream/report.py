@@ -191,8 +191,12 @@ def fig_kv_vs_length(runs):
                              "Bytes held by the KV cache against stream length", "KV cache (MiB)")
 
 
-def _quality(run: Run):
-    return [r for r in run.records if r.get("record") == "quality" and r.get("status") == "ok"]
+def _quality(run: Run, experiment: str | None = None):
+    """Quality records: the bench's own (experiment None) and the paper experiment's ppl part, or one part."""
+    recs = [r for r in run.records if r.get("record") == "quality" and r.get("status") == "ok"]
+    if experiment is None:
+        return [r for r in recs if not r.get("experiments") or "ppl" in r["experiments"]]
+    return [r for r in recs if experiment in (r.get("experiments") or [])]
 
 
 def fig_ppl_by_position(runs):
@@ -275,6 +279,125 @@ def fig_ppl_bars(runs):
     return fig
 
 
+def fig_sinks(runs):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for label, run in runs:
+        recs = sorted(_quality(run, "sinks"), key=lambda r: r.get("sinks") or 0)
+        if not recs:
+            continue
+        fig.add_trace(go.Bar(
+            x=[f"{r.get('sinks') or 0}+{r['cache_size'] - (r.get('sinks') or 0)}" for r in recs],
+            y=[r["ppl"] for r in recs], name=esc(label), text=[f"{r['ppl']:.2f}" for r in recs],
+            textposition="outside", marker_color=[method_color("sink" if r.get("sinks") else "window") for r in recs],
+            hovertemplate="%{x}<br>PPL %{y:.3f}<extra></extra>"))
+    if not fig.data:
+        return None
+    tokens = _quality(runs[0][1], "sinks")[0]["tokens"] if _quality(runs[0][1], "sinks") else 0
+    fig.update_yaxes(type="log", title_text="perplexity")
+    fig.update_xaxes(title_text="sinks + window (fixed total cache)")
+    fig.update_layout(title=f"The number of sinks at a fixed total cache, over {tokens:,} tokens (the paper's "
+                            "Table 2)", showlegend=len(runs) > 1)
+    return fig
+
+
+def fig_cache_sizes(runs):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for label, run in runs:
+        recs = sorted(_quality(run, "cache"), key=lambda r: r["cache_size"])
+        if not recs:
+            continue
+        fig.add_trace(go.Scatter(x=[r["cache_size"] for r in recs], y=[r["ppl"] for r in recs],
+                                 mode="lines+markers+text", text=[f"{r['ppl']:.2f}" for r in recs],
+                                 textposition="top center", name=esc(label), line=dict(color=METHOD_COLORS["sink"]),
+                                 hovertemplate="cache 4+%{x}<br>PPL %{y:.3f}<extra></extra>"))
+    if not fig.data:
+        return None
+    fig.update_xaxes(type="log", title_text="total cache size (tokens, 4 of them sinks)")
+    fig.update_yaxes(title_text="perplexity")
+    fig.update_layout(title="The cache size at 4 sinks (the paper's Table 6)", showlegend=len(runs) > 1)
+    return fig
+
+
+def fig_stability(runs):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for r_index, (label, run) in enumerate(runs):
+        recs = _quality(run, "stability") + [r for r in _quality(run, "ppl") if r["method"] in ("window", "dense")]
+        for r in recs:
+            buckets = [b for b in r["buckets"] if b.get("ppl")]
+            name = series_name(r) + _run_suffix(runs, label)
+            fig.add_trace(go.Scatter(
+                x=[b["end"] - 1 for b in buckets], y=[b["ppl"] for b in buckets], mode="lines+markers",
+                name=esc(name + (f" ({r['tokens']:,} tokens)" if "stability" in r.get("experiments", []) else "")),
+                line=dict(color=method_color(r["method"]), dash=RUN_DASHES[r_index % len(RUN_DASHES)]),
+                hovertemplate="tokens up to %{x:,}<br>chunk PPL %{y:.3f}<extra></extra>"))
+    if not fig.data:
+        return None
+    pretraining = next((r.get("pretraining_length") for _, run in runs for r in _quality(run, "stability")), None)
+    if pretraining:
+        fig.add_vline(x=pretraining, line=dict(color="#555", dash="dash"),
+                      annotation_text=f"pre-training length {pretraining:,}")
+    fig.update_xaxes(title_text="stream position (end of chunk)")
+    fig.update_yaxes(type="log", title_text="perplexity of the chunk")
+    fig.update_layout(title="Long-stream stability: perplexity per chunk, streamed for real")
+    return fig
+
+
+def fig_attention_share(runs):
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    recs = [(label, r) for label, run in runs for r in run.records if r.get("record") == "attention"]
+    if not recs:
+        return None
+    label, rec = recs[0]
+    share = np.array(rec["share_first_token"])
+    maps = rec["maps"]
+    fig = make_subplots(rows=1, cols=1 + len(maps), column_widths=[0.4] + [0.6 / len(maps)] * len(maps),
+                        subplot_titles=["share of attention on the first token"]
+                        + [f"layer {k}: mean attention" for k in maps])
+    fig.add_trace(go.Heatmap(z=share, x=[f"h{h}" for h in range(share.shape[1])], y=list(range(share.shape[0])),
+                             colorscale="Viridis", zmin=0, zmax=1, colorbar=dict(x=0.36, title="share"),
+                             hovertemplate="layer %{y}, head %{x}<br>%{z:.3f} of the attention<extra></extra>"),
+                  row=1, col=1)
+    for col, (layer, grid) in enumerate(maps.items(), start=2):
+        values = np.log10(np.clip(np.array(grid), 1e-4, 1))
+        fig.add_trace(go.Heatmap(z=values, colorscale="Blues", showscale=col == 1 + len(maps), zmin=-4, zmax=0,
+                                 colorbar=dict(title="log10"),
+                                 hovertemplate="query %{y}, key %{x}<br>log10 weight %{z:.2f}<extra></extra>"),
+                      row=1, col=col)
+        fig.update_yaxes(autorange="reversed", row=1, col=col)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_xaxes(title_text="head", row=1, col=1)
+    fig.update_layout(title=f"Where attention goes: {rec['segments']} segments of {rec['tokens']} tokens of the text "
+                            f"(queries {rec['skipped_queries']}+; uniform attention would give the first token "
+                            f"{rec['uniform_share']:.3f}; the paper's Figure 2)", height=520)
+    return fig
+
+
+def paper_table_html(runs) -> str:
+    from .experiments import paper_table
+
+    rows = paper_table(runs[0][1].records) if runs else []
+    if not rows:
+        return ""
+    cells = []
+    for r in rows:
+        paper = "–" if r["paper"] is None else f"{r['paper']:.2f}"
+        cells.append(f"<tr><td>{esc(r['finding'])}</td><td>{esc(r['setting'])}</td><td>{r['ours']:.2f}</td>"
+                     f"<td>{paper}</td><td>{esc(r['paper_setting'])}</td></tr>")
+    body = "".join(cells)
+    return ("<h2>The paper's findings: ours beside the paper's</h2><p>Compare patterns, not values: a 135M model on "
+            "the King James Bible with its own tokenizer against Llama-2 on PG19.</p><table class='paper'><thead><tr>"
+            "<th>finding</th><th>our setting</th><th>ours</th><th>paper</th><th>paper's setting</th></tr></thead>"
+            f"<tbody>{body}</tbody></table>")
+
+
 PROFILE_PARTS = [("model_ms", "model forward (attention, MLP, norms)", "#8c8c8c"),
                  ("cache_update_ms", "cache update", "#1f77b4"),
                  ("bookkeeping_ms", "C++ bookkeeping", "#9467bd"),
@@ -310,6 +433,10 @@ FIGURES = [
     ("ppl-position", fig_ppl_by_position),
     ("ppl", fig_ppl_bars),
     ("profile", fig_profile),
+    ("sinks", fig_sinks),
+    ("cache-sizes", fig_cache_sizes),
+    ("stability", fig_stability),
+    ("attention", fig_attention_share),
 ]
 EXTRA_FIGURES: list = []  # later sections register (name, function) here: ablations, attention maps, profiles
 
@@ -479,6 +606,7 @@ values).</p>
 <h2>Cells</h2>
 {cells_table(runs)}
 {quality_table(runs)}
+{paper_table_html(runs)}
 {ratio_table(runs)}
 <h2>Figures</h2>
 {divs}

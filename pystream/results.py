@@ -53,8 +53,9 @@ def record(kind: str, **fields) -> dict:
 
 
 def cell_key(rec: dict) -> tuple:
-    """What identifies a cell across a resume."""
-    return (rec.get("record"), rec.get("method"), rec.get("cache_size"), rec.get("length"), rec.get("mode"))
+    """What identifies a record across a resume."""
+    return (rec.get("record"), rec.get("method"), rec.get("cache_size"), rec.get("length"), rec.get("mode"),
+            rec.get("sinks") or 0)
 
 
 def _check_version(rec: dict, where: str) -> None:
@@ -179,7 +180,7 @@ class RunWriter:
             raise ResultsError(f"{self.path}: nothing to resume (no {META}); run without --resume first")
         self._lock()
         old = read_meta(self.path)
-        for key in ("model", "text", "mode", "dtype", "batch", "sinks", "device_kind"):
+        for key in ("model", "text", "mode", "dtype", "batch", "sinks", "device_kind", "experiment"):
             if old.get("config", {}).get(key) != meta.get("config", {}).get(key):
                 raise ResultsError(
                     f"{self.path}: cannot resume with a different {key} "

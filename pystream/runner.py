@@ -20,7 +20,7 @@ from . import measure
 from .baselines import recompute_logits
 from .hf import DynamicCache, SinkCache, WindowCache, decode_attention_mask
 from .quality import nll_dense, nll_recompute, nll_streaming, perplexity, sampled_perplexity
-from .results import cell_key, record
+from .results import record
 from .streaming import prefill
 
 METHODS = ("sink", "window", "recompute", "dense")
@@ -341,7 +341,11 @@ class Bench:
         return [(m, None if m == "dense" else cache_size) for m in order]
 
     def quality_key(self, method: str, cache_size: int | None) -> tuple:
-        return ("quality", method, cache_size, self.cfg.ppl_tokens, "quality")
+        return ("quality", method, cache_size, self.cfg.ppl_tokens, "quality",
+                self.cfg.sinks if method == "sink" else 0)
+
+    def cell_key(self, method: str, cache_size: int | None, length: int) -> tuple:
+        return ("cell", method, cache_size, length, self.cell_mode(method), self.cfg.sinks if method == "sink" else 0)
 
     def run_quality(self, method: str, cache_size: int | None) -> dict:
         n = self.cfg.ppl_tokens
@@ -398,4 +402,4 @@ class Bench:
         )
 
 
-__all__ = ["Bench", "BenchConfig", "METHODS", "TokenSource", "cell_key"]
+__all__ = ["Bench", "BenchConfig", "METHODS", "TokenSource"]

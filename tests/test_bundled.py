@@ -56,3 +56,19 @@ def test_readme_example_runs(bundled):
     out, prompt = namespace["out"], namespace["prompt"]
     assert out.shape[1] == prompt.shape[1] + 300
     assert namespace["cache"].seen() > namespace["cache"].capacity  # it streamed past the cache
+
+
+def test_paper_findings_direction_on_a_short_stream(bundled):
+    """Findings 1 and 2 through the experiment's own code, over 768 tokens at a total cache of 128: window attention
+    (0 sinks) is far worse than 4 sinks, and one sink already recovers most of the gap."""
+    from pystream.experiments import PaperConfig, PaperExperiment
+    from test_experiments import InterruptAfter, Writer
+
+    loaded, ids = bundled
+    cfg = PaperConfig(parts=["sinks"], tokens=768, cache=128, sinks=[0, 1, 4])
+    writer = Writer()
+    PaperExperiment(cfg, loaded.model, ids, writer, InterruptAfter(), "cpu", None).run()
+    ppl = {r["sinks"]: r["ppl"] for r in writer.records}
+    print("PPL over 768 tokens, cache 128, by sinks:", ppl)
+    assert ppl[0] >= 1.5 * ppl[4]
+    assert ppl[1] < ppl[0]

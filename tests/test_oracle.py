@@ -144,6 +144,10 @@ def test_prompt_longer_than_cache(arch):
             tokens = torch.cat([tokens, nxt], dim=1)
             logits = model(nxt, cache=ref).logits[:, -1]
     assert torch.equal(out, tokens)
+    # and transformers' own chunked prefill, one token per chunk, gives the same tokens
+    chunked = model.generate(prompt, cache=SinkCache(S, W, model.config), max_new_tokens=40, min_new_tokens=40,
+                             do_sample=False, prefill_chunk_size=1)
+    assert torch.equal(chunked, tokens)
 
 
 def test_overlong_chunk_is_refused_with_guidance():

@@ -1,0 +1,290 @@
+"""`pystream-bench --experiment paper`: the paper's five findings, reproduced on the bundled model and text.
+
+1. "ppl": perplexity against token position past the pre-training window, for dense, window, recompute and sink at
+   one cache size (the paper's Figure 3 and Table 1).
+2. "sinks": the number of sinks at a fixed total cache: 0, 1, 2, 4, 8 (Table 2). Streamed together with part 1
+   (the 0- and 4-sink streams are part 1's window and sink) as one batch of five streams, one forward per token.
+3. "cache": the cache size at 4 sinks: 256 to 2048 (Table 6), the sizes as one batch.
+4. "attention": where attention goes: the share each layer and head gives to the first token, and average attention
+   maps of a few layers, from real forwards on the text (Figure 2).
+5. "stability": perplexity per chunk over a long stream in real streaming mode (part 1's sink stream, or a longer
+   one with --stability-tokens, up to 1M tokens and beyond).
+
+Every part writes its records to the run directory as it finishes; long streams checkpoint every few minutes, so a
+killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .hf import SinkCache, StreamBatch, WindowCache
+from .quality import nll_dense, nll_recompute, perplexity, sampled_perplexity
+from .results import record
+
+PARTS = ("ppl", "sinks", "cache", "attention", "stability")
+
+# The paper's numbers, for the side-by-side table (report and README).
+PAPER = {
+    "ppl": {"setting": "Llama-2-13B, 65K tokens of PG19 (Table 1)", "cache": "1024",
+            "window": 5158.07, "sink": 5.40, "recompute": 5.43},
+    "sinks": {"setting": "Llama-2-7B, cache x+4092, 400K tokens of PG19 (Table 2)",
+              "values": {0: 3359.95, 1: 11.88, 2: 10.51, 4: 9.59, 8: 9.54}},
+    "cache": {"setting": "Llama-2-7B, 4 sinks, 400K tokens of PG19 (Table 6)",
+              "values": {512: 9.73, 1024: 9.32, 2048: 9.08, 4096: 9.59}},
+}
+
+
+@dataclass
+class PaperConfig:
+    parts: list[str] = field(default_factory=lambda: list(PARTS))
+    tokens: int = 12_288  # parts 1 and 2: past the bundled model's 8,192-token pre-training window
+    cache: int = 256  # total cache for parts 1, 2 and 5
+    sinks: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
+    cache_sizes: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    cache_tokens: int = 4_096  # part 3
+    recompute_samples: int = 96
+    attention_segments: int = 16
+    attention_tokens: int = 64
+    stability_tokens: int | None = None  # None: analyse part 1's sink stream
+    chunk: int = 1_024
+    seed: int = 0
+    checkpoint_every_s: float = 120.0
+
+
+class PaperExperiment:
+    def __init__(self, cfg: PaperConfig, model, ids: np.ndarray, writer, progress, device, run_dir: Path | None):
+        self.cfg, self.model, self.writer, self.progress = cfg, model, writer, progress
+        self.device = torch.device(device)
+        self.ids = torch.from_numpy(ids.astype(np.int64))
+        self.run_dir = run_dir
+        self.pretraining = getattr(model.config, "max_position_embeddings", None)
+
+    # ---- helpers ---------------------------------------------------------------------------------------------------
+    def text(self, count: int, offset: int = 0) -> torch.Tensor:
+        index = (torch.arange(count) + offset) % len(self.ids)
+        return self.ids[index]
+
+    def _done(self, key) -> bool:
+        return self.writer.done(key) is not None
+
+    def _quality(self, method, cache_size, sinks, nll, experiments, **extra) -> dict:
+        sampled = extra.pop("sampled", False)
+        if sampled:
+            ppl, low, high = sampled_perplexity(nll)
+            ci = [low, high]
+        else:
+            ppl, ci = perplexity(nll), None
+        tokens = len(nll) + 1
+        buckets = []
+        for start in range(0, len(nll), self.cfg.chunk):
+            part = nll[start:start + self.cfg.chunk]
+            count = int((~np.isnan(part)).sum())
+            buckets.append({"start": start + 1, "end": start + len(part) + 1, "tokens": count,
+                            "ppl": perplexity(part) if count else None})
+        return record("quality", method=method, cache_size=cache_size, sinks=sinks, length=tokens,
+                      mode=f"experiment:{experiments[0]}", status="ok", tokens=tokens, ppl=ppl, ppl_ci95=ci,
+                      sampled=sampled, experiments=experiments, buckets=buckets,
+                      nll=[None if math.isnan(v) else round(float(v), 5) for v in nll],
+                      pretraining_length=self.pretraining, **extra)
+
+    def _key(self, method, cache_size, sinks, tokens, experiment):
+        return ("quality", method, cache_size, tokens, f"experiment:{experiment}", sinks or 0)
+
+    def _stream_batch(self, name: str, caches: list, tokens: int) -> np.ndarray:
+        """Stream `tokens` tokens of the text through every cache as one batch; per-token NLL `[rows, tokens-1]`.
+        Checkpoints every `checkpoint_every_s` and resumes from the last one."""
+        from . import checkpoint
+
+        rows = len(caches)
+        nll = np.full((rows, tokens - 1), np.nan)
+        start = 0
+        folder = None if self.run_dir is None else self.run_dir / "checkpoints" / name
+        if folder is not None and (folder / "nll.npy").exists():
+            saved = np.load(folder / "nll.npy")
+            for i, cache in enumerate(caches):
+                checkpoint.load(folder / f"cache{i}.safetensors", cache, self.device)
+            start = caches[0].seen()
+            nll[:, :start] = saved[:, :start]
+        batch = StreamBatch(caches)
+        x_all = self.text(tokens).to(self.device)
+        task = self.progress.add_task(f"{name}: {rows} stream(s) x {tokens:,} tokens", total=tokens, completed=start)
+        last_save = time.monotonic()
+        try:
+            with torch.inference_mode():
+                for t in range(start, tokens - 1):
+                    x = x_all[t:t + 1].expand(rows, 1)
+                    logits = self.model(x, cache=batch, position_ids=batch.position_ids(),
+                                        attention_mask=batch.attention_mask(), use_cache=True).logits[:, -1]
+                    target = x_all[t + 1].expand(rows)
+                    nll[:, t] = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none").cpu()
+                    self.progress.advance(task)
+                    if folder is not None and time.monotonic() - last_save > self.cfg.checkpoint_every_s:
+                        folder.mkdir(parents=True, exist_ok=True)
+                        for i, cache in enumerate(caches):
+                            checkpoint.save(folder / f"cache{i}.safetensors", cache)
+                        np.save(folder / "nll.npy", nll)
+                        last_save = time.monotonic()
+        finally:
+            self.progress.remove_task(task)
+        if folder is not None and folder.exists():
+            for path in folder.iterdir():
+                path.unlink()
+            folder.rmdir()
+        return nll
+
+    # ---- parts -----------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        cfg = self.cfg
+        if "ppl" in cfg.parts or "sinks" in cfg.parts:
+            self.part_stream()
+        if "ppl" in cfg.parts:
+            self.part_baselines()
+        if "cache" in cfg.parts:
+            self.part_cache()
+        if "attention" in cfg.parts:
+            self.part_attention()
+        if "stability" in cfg.parts and cfg.stability_tokens:
+            self.part_stability()
+
+    def _stream_caches(self, sinks: list[int], cache: int):
+        return [SinkCache(s, cache - s, self.model.config) if s else WindowCache(cache, self.model.config)
+                for s in sinks]
+
+    def part_stream(self) -> None:
+        """Parts 1 and 2 in one batch: every sink count at the same total cache, over the same tokens."""
+        cfg = self.cfg
+        sinks = list(cfg.sinks) if "sinks" in cfg.parts else [0, 4]
+        for required in (0, 4):
+            if required not in sinks:
+                sinks.append(required)
+        keys = {s: self._key("sink" if s else "window", cfg.cache, s, cfg.tokens, "stream") for s in sinks}
+        todo = [s for s in sinks if not self._done(keys[s])]
+        if not todo:
+            return
+        nll = self._stream_batch("sinks-and-window", self._stream_caches(todo, cfg.cache), cfg.tokens)
+        for row, s in enumerate(todo):
+            experiments = ["stream"] + (["ppl"] if s in (0, 4) else []) + (["sinks"] if s in cfg.sinks else [])
+            experiments += ["stability"] if s == 4 else []
+            self.writer.append(self._quality("sink" if s else "window", cfg.cache, s, nll[row], experiments))
+
+    def part_baselines(self) -> None:
+        """Part 1's dense and recompute over the same tokens."""
+        cfg = self.cfg
+        x = self.text(cfg.tokens).to(self.device)
+        key = self._key("dense", None, 0, cfg.tokens, "ppl")
+        if not self._done(key):
+            task = self.progress.add_task(f"dense over {cfg.tokens:,} tokens", total=cfg.tokens - 1)
+            try:
+                nll = nll_dense(self.model, x, on_step=lambda i: self.progress.update(task, completed=i + 1))
+            finally:
+                self.progress.remove_task(task)
+            self.writer.append(self._quality("dense", None, 0, nll, ["ppl"]))
+        key = self._key("recompute", cfg.cache, 0, cfg.tokens, "ppl")
+        if not self._done(key):
+            rng = random.Random(cfg.seed)
+            positions = sorted(rng.sample(range(cfg.tokens - 1), min(cfg.recompute_samples, cfg.tokens - 1)))
+            task = self.progress.add_task(f"recompute at {len(positions)} sampled positions", total=len(positions))
+            try:
+                nll = nll_recompute(self.model, x, cfg.cache, positions, on_step=lambda i: self.progress.advance(task))
+            finally:
+                self.progress.remove_task(task)
+            self.writer.append(self._quality("recompute", cfg.cache, 0, nll, ["ppl"], sampled=True,
+                                             sample_size=len(positions)))
+
+    def part_cache(self) -> None:
+        """Part 3: the cache size at 4 sinks, every size over the same tokens, as one batch."""
+        cfg = self.cfg
+        sizes = [c for c in cfg.cache_sizes if not self._done(self._key("sink", c, 4, cfg.cache_tokens, "cache"))]
+        if not sizes:
+            return
+        caches = [SinkCache(4, c - 4, self.model.config) for c in sizes]
+        nll = self._stream_batch("cache-sizes", caches, cfg.cache_tokens)
+        for row, size in enumerate(sizes):
+            self.writer.append(self._quality("sink", size, 4, nll[row], ["cache"]))
+
+    def part_attention(self) -> None:
+        """Part 4: attention of real forwards on the text (eager attention, which returns the weights)."""
+        cfg = self.cfg
+        key = ("attention", "dense", None, cfg.attention_tokens, "experiment:attention", 0)
+        if self._done(key):
+            return
+        n, segments = cfg.attention_tokens, cfg.attention_segments
+        stride = max(n, len(self.ids) // segments)
+        batch = torch.stack([self.text(n, offset=i * stride) for i in range(segments)]).to(self.device)
+        previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+        try:
+            with torch.inference_mode():
+                out = self.model(batch, output_attentions=True, use_cache=False)
+        finally:
+            self.model.set_attn_implementation(previous)
+        attentions = [a.float().mean(0).cpu() for a in out.attentions]  # per layer [heads, n, n], over segments
+        skip = min(8, n // 4)  # the first queries can only look at the first tokens: leave them out of the share
+        share_first = [[float(layer[h, skip:, 0].mean()) for h in range(layer.shape[0])] for layer in attentions]
+        share_first4 = [[float(layer[h, skip:, :4].sum(-1).mean()) for h in range(layer.shape[0])]
+                        for layer in attentions]
+        count = len(attentions)
+        shown = sorted({0, 1, count // 2, count - 1})
+        maps = {str(i): attentions[i].mean(0).tolist() for i in shown}
+        self.writer.append(record(
+            "attention", method="dense", cache_size=None, length=n, mode="experiment:attention", sinks=0,
+            status="ok", tokens=n, segments=segments, layers=count, heads=attentions[0].shape[0],
+            share_first_token=share_first, share_first_4_tokens=share_first4, skipped_queries=skip,
+            maps=maps, uniform_share=float(np.mean([1.0 / (q + 1) for q in range(skip, n)]))))
+
+    def part_stability(self) -> None:
+        """Part 5 on its own longer stream (sink cache, the cache's own positions)."""
+        cfg = self.cfg
+        key = self._key("sink", cfg.cache, 4, cfg.stability_tokens, "stability")
+        if self._done(key):
+            return
+        nll = self._stream_batch("stability", self._stream_caches([4], cfg.cache), cfg.stability_tokens)
+        self.writer.append(self._quality("sink", cfg.cache, 4, nll[0], ["stability"]))
+
+
+def paper_table(records: list[dict]) -> list[dict]:
+    """Rows of ours beside the paper's: {"finding", "setting", "ours", "paper"}."""
+    quality = [r for r in records if r.get("record") == "quality" and r.get("status") == "ok"]
+
+    def find(method, experiment, sinks=None, cache=None):
+        for r in quality:
+            if (r["method"] == method and experiment in (r.get("experiments") or [])
+                    and (sinks is None or (r.get("sinks") or 0) == sinks)
+                    and (cache is None or r.get("cache_size") == cache)):
+                return r
+        return None
+
+    rows = []
+    for method in ("window", "sink", "recompute", "dense"):
+        r = find(method, "ppl", sinks=0 if method == "window" else (4 if method == "sink" else None))
+        if r:
+            size = r.get("cache_size")
+            label = ("dense" if method == "dense" else f"window 0+{size}" if method == "window"
+                     else f"sink 4+{size - 4}" if method == "sink" else f"recompute {size}")
+            rows.append({"finding": "1. window vs sink vs recompute (PPL)",
+                         "setting": f"{label}, {r['tokens']:,} tokens" + (" (sampled)" if r.get("sampled") else ""),
+                         "ours": r["ppl"], "paper": PAPER["ppl"].get(method),
+                         "paper_setting": f"{PAPER['ppl']['setting']}, cache {PAPER['ppl']['cache']}"})
+    for s in (0, 1, 2, 4, 8):
+        r = find("sink" if s else "window", "sinks", sinks=s)
+        if r:
+            rows.append({"finding": "2. number of sinks (PPL)", "setting": f"{s}+{r['cache_size'] - s}",
+                         "ours": r["ppl"], "paper": PAPER["sinks"]["values"].get(s),
+                         "paper_setting": PAPER["sinks"]["setting"]})
+    paper_sizes = sorted(PAPER["cache"]["values"])
+    ours_sizes = sorted({r["cache_size"] for r in quality if "cache" in (r.get("experiments") or [])})
+    for rank, size in enumerate(ours_sizes):
+        r = find("sink", "cache", cache=size)
+        paper_size = paper_sizes[rank] if rank < len(paper_sizes) else None
+        rows.append({"finding": "3. cache size at 4 sinks (PPL)", "setting": f"4+{size - 4}",
+                     "ours": r["ppl"], "paper": PAPER["cache"]["values"].get(paper_size),
+                     "paper_setting": f"{PAPER['cache']['setting']}: 4+{paper_size - 4}" if paper_size else ""})
+    return rows

@@ -1,0 +1,136 @@
+"""The paper experiment's logic on a tiny model: the parts run, the records have the expected shape, batched rows
+equal single runs, and an interrupted stream resumes from its checkpoint with the same result."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from pystream import SinkCache, WindowCache
+from pystream.experiments import PaperConfig, PaperExperiment, paper_table
+from pystream.hf import StreamBatch
+from test_cli import char_tokenizer, run_cli
+
+
+def stream_single(model, cache, ids):
+    out = []
+    with torch.inference_mode():
+        for t in range(ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], cache=cache, position_ids=cache.position_ids(1)).logits[0, -1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("capacities", [(64, 64, 64), (32, 64, 96)], ids=["same-capacity", "mixed-capacity"])
+def test_stream_batch_rows_equal_single_runs(capacities):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 250), generator=torch.Generator().manual_seed(0))
+    settings = [(0, capacities[0]), (4, capacities[1]), (8, capacities[2])]
+    make = lambda s, c: SinkCache(s, c - s, model.config) if s else WindowCache(c, model.config)  # noqa: E731
+    batch = StreamBatch([make(s, c) for s, c in settings])
+    rows = []
+    with torch.inference_mode():
+        for t in range(ids.shape[1]):
+            x = ids[:, t:t + 1].expand(3, 1)
+            rows.append(model(x, cache=batch, position_ids=batch.position_ids(),
+                              attention_mask=batch.attention_mask()).logits[:, -1])
+    batched = torch.stack(rows, dim=1)
+    for row, (s, c) in enumerate(settings):
+        single = stream_single(model, make(s, c), ids)
+        assert (batched[row] - single).abs().max().item() <= 1e-4
+
+
+class InterruptAfter:
+    """A stand-in for the rich progress bar that interrupts the run after some steps."""
+
+    def __init__(self, steps=None):
+        self.steps, self.count = steps, 0
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, *a, **k):
+        self.count += 1
+        if self.steps is not None and self.count == self.steps:
+            raise KeyboardInterrupt
+
+    def update(self, *a, **k):
+        pass
+
+    def remove_task(self, *a, **k):
+        pass
+
+
+class Writer:
+    def __init__(self):
+        self.records = []
+
+    def done(self, key):
+        return None
+
+    def append(self, rec):
+        self.records.append(rec)
+
+
+def test_interrupted_stream_resumes_from_its_checkpoint(tmp_path):
+    model = tiny_model("qwen2")
+    ids = np.random.default_rng(0).integers(0, 128, 2000)
+    cfg = PaperConfig(tokens=300, cache=48, checkpoint_every_s=0)
+    make = lambda: [SinkCache(4, 44, model.config), WindowCache(48, model.config)]  # noqa: E731
+    whole = PaperExperiment(cfg, model, ids, Writer(), InterruptAfter(), "cpu", None)._stream_batch("t", make(), 300)
+    first = PaperExperiment(cfg, model, ids, Writer(), InterruptAfter(137), "cpu", tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        first._stream_batch("t", make(), 300)
+    assert (tmp_path / "checkpoints" / "t" / "nll.npy").exists()
+    progress = InterruptAfter()
+    resumed = PaperExperiment(cfg, model, ids, Writer(), progress, "cpu", tmp_path)._stream_batch("t", make(), 300)
+    assert 0 < progress.count < 299 - 100  # it did not start again from the beginning
+    assert np.allclose(resumed, whole, atol=1e-4, equal_nan=True)
+    assert not (tmp_path / "checkpoints" / "t").exists()  # cleaned up once finished
+
+
+def test_paper_experiment_through_the_cli(tmp_path, capsys):
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("And God said, Let there be light: and there was light. " * 30)
+    out = tmp_path / "run"
+    args = ["--experiment", "paper", "--model", folder, "--text", text, "--out", out, "--experiment-tokens", "300",
+            "--experiment-cache", "48", "--cache-tokens", "200", "--stability-tokens", "400", "--threads", "1"]
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    streams = [r for r in records if "stream" in (r.get("experiments") or [])]
+    assert sorted(r["sinks"] for r in streams) == [0, 1, 2, 4, 8]
+    assert all(len(r["nll"]) == 299 and r["cache_size"] == 48 for r in streams)
+    by = {(r["method"], tuple(r.get("experiments") or [])): r for r in records if r["record"] == "quality"}
+    assert ("dense", ("ppl",)) in by and by[("recompute", ("ppl",))]["sampled"]
+    cache = sorted(r["cache_size"] for r in records if "cache" in (r.get("experiments") or []))
+    assert cache == [256, 512, 1024, 2048]
+    stability = [r for r in records if r.get("experiments") == ["stability"]]
+    assert len(stability) == 1 and stability[0]["tokens"] == 400 and len(stability[0]["buckets"]) == 1
+    attention = [r for r in records if r["record"] == "attention"][0]
+    assert len(attention["share_first_token"]) == 2 and len(attention["share_first_token"][0]) == 4
+    assert all(0 <= v <= 1 for row in attention["share_first_token"] for v in row)
+    table = paper_table(records)
+    assert [r["finding"][0] for r in table].count("2") == 5 and any(r["paper"] == 3359.95 for r in table)
+    assert "beside the paper's" in stdout
+    html = (out / "report.html").read_text()
+    for fig in ("fig-sinks", "fig-cache-sizes", "fig-stability", "fig-attention", "fig-ppl-position"):
+        assert f"id='{fig}'" in html
+    assert "The paper's findings: ours beside the paper's" in html
+    # a resume with the same arguments finds everything done and recomputes nothing
+    before = (out / "results.jsonl").read_text()
+    assert run_cli([*args, "--resume"], capsys)[0] == 0
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_bad_experiment_arguments(tmp_path, capsys):
+    for extra, message in ((["--parts", "ppl,magic"], "--parts: unknown part 'magic'"),
+                           (["--experiment-cache", "8"], "must be larger than the 8 sinks"),
+                           (["--experiment-tokens", "200", "--experiment-cache", "256"], "must be longer")):
+        code, _, stderr = run_cli(["--experiment", "paper", "--out", tmp_path / "run", *extra], capsys)
+        assert code == 2 and message in stderr, stderr
+        assert not (tmp_path / "run").exists()
