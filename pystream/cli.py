@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_argument_group("what to measure")
     what.add_argument("--lengths", default="4k,1M", help=LENGTH_HELP)
     what.add_argument("--methods", default=",".join(METHODS),
-                      help=f"comma-separated, any of {', '.join(METHODS)} (default: all)")
+                      help=f"comma-separated, any of {', '.join(METHODS)} (default: all), and the context-extension "
+                           "baselines dense-pi:F (linear position interpolation), dense-ntk:F (dynamic NTK), "
+                           "dense-yarn:F (YaRN): dense attention with the model's RoPE scaled by F")
     what.add_argument("--cache-sizes", default="256,1024",
                       help="total cache sizes, sinks included (the paper's 4+1020 is 1024); default 256,1024")
     what.add_argument("--sinks", type=int, default=4, help="attention sinks of the sink method (default 4)")
@@ -140,11 +142,16 @@ def validate(args) -> dict:
         "lengths": parse_list(args.lengths, "--lengths", parse_size),
         "cache_sizes": parse_list(args.cache_sizes, "--cache-sizes", parse_size),
     }
+    from .runner import is_dense
+
     methods = [m.strip() for m in args.methods.split(",")]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and not is_dense(m)]
     if unknown or not args.methods.strip():
         raise UsageError(f"--methods: unknown method {unknown[0] if unknown else args.methods!r}; choose from "
-                         f"{', '.join(METHODS)}")
+                         f"{', '.join(METHODS)}, or dense-pi:F, dense-ntk:F, dense-yarn:F (RoPE scaled by F >= 1)")
+    for m in methods:
+        if is_dense(m) and m != "dense" and float(m.split(":")[1]) < 1:
+            raise UsageError(f"--methods: {m}: the scaling factor must be >= 1")
     values["methods"] = list(dict.fromkeys(methods))
     if args.threads is None:
         args.threads = (os.cpu_count() or 1) if args.experiment else 1

@@ -8,17 +8,25 @@ pass them as `cache=` (or the deprecated `past_key_values=`) to `model(...)` and
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .kv import RotarySpec, StreamingKV
 
-__all__ = ["SinkCache", "WindowCache", "PaperCache", "DynamicCache", "decode_attention_mask", "UnsupportedModelError", "rotary_spec", "check_supported"]
+__all__ = ["SinkCache", "WindowCache", "PaperCache", "DynamicCache", "decode_attention_mask", "rope_scaled", "UnsupportedModelError", "rotary_spec", "check_supported"]
 
 # Model types whose attention applies RoPE in the rotate-half layout before calling `cache.update`, verified against
 # the reference implementation in tests/test_oracle.py.
 ROPE_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt_neox")
+
+# ALiBi models: they bias each key by its index among the keys the cache returns (BLOOM: arange over the key
+# length, or the cumulative 2D mask; MPT: the last key_length columns of its bias table), so returning the keys in
+# logical order gives the paper's contiguous linear bias, with nothing to rotate. Verified in tests/test_alibi.py.
+ALIBI_MODEL_TYPES = ("bloom", "mpt")
 
 # Why the others cannot be served, for the error message.
 _UNSERVABLE = {
@@ -26,8 +34,6 @@ _UNSERVABLE = {
             "inside the cache",
     "gptj": "it rotates interleaved pairs (rotate-every-two), a layout this cache does not re-rotate",
     "opt": "its learned absolute position embeddings cannot be re-assigned inside the cache",
-    "bloom": "ALiBi biases are built from absolute key indices inside its attention, not from the cache",
-    "mpt": "ALiBi biases are built from absolute key indices inside its attention, not from the cache",
 }
 
 # RoPE variants whose frequencies change with the sequence length: a key rotated earlier would not match a later
@@ -47,6 +53,8 @@ def check_supported(config_or_model) -> None:
     """Raise `UnsupportedModelError` naming the model type unless the caches can serve it."""
     config = _config_of(config_or_model)
     model_type = getattr(config, "model_type", None) or type(config).__name__
+    if model_type in ALIBI_MODEL_TYPES:
+        return
     if model_type in ROPE_MODEL_TYPES:
         rope = getattr(config, "rope_parameters", None) or {}
         rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
@@ -60,8 +68,12 @@ def check_supported(config_or_model) -> None:
     why = _UNSERVABLE.get(model_type, "it is not one of the RoPE architectures these caches were verified on")
     raise UnsupportedModelError(
         f"SinkCache/WindowCache cannot serve model type {model_type!r}: {why}. "
-        f"Supported model types: {', '.join(ROPE_MODEL_TYPES)}."
+        f"Supported model types: {', '.join(ROPE_MODEL_TYPES + ALIBI_MODEL_TYPES)}."
     )
+
+
+def uses_alibi(config_or_model) -> bool:
+    return getattr(_config_of(config_or_model), "model_type", None) in ALIBI_MODEL_TYPES
 
 
 def sliding_window_of(config) -> int | None:
@@ -77,6 +89,8 @@ def rotary_spec(config_or_model) -> RotarySpec:
     config, computed the way transformers does."""
     config = _config_of(config_or_model)
     check_supported(config)
+    if uses_alibi(config):
+        raise UnsupportedModelError(f"model type {config.model_type!r} uses ALiBi biases, not a rotary embedding")
     if config_or_model is not config:
         for module in config_or_model.modules():
             inv_freq = getattr(module, "inv_freq", None)
@@ -246,10 +260,12 @@ class StreamingCache(Cache):
 
     def __init__(self, num_sinks: int, window: int, config=None, *, rebase_interval: int | None = None,
                  batch_size: int | None = None):
+        alibi = False
         if config is not None:
             cfg = _config_of(config)
             check_supported(cfg)
-            rotary = rotary_spec(config)
+            alibi = uses_alibi(cfg)
+            rotary = None if alibi else rotary_spec(config)
             num_layers = cfg.num_hidden_layers
             sliding = sliding_window_of(cfg)
             if sliding is not None and num_sinks + window > sliding:
@@ -265,7 +281,7 @@ class StreamingCache(Cache):
                 )
             rotary, num_layers = None, None
         self.kv = StreamingKV(num_layers, num_sinks, window, rotary, rebase_interval=rebase_interval,
-                              batch_size=batch_size)
+                              batch_size=batch_size, logical_order=alibi)
         layers = [StreamingLayer(self.kv, i) for i in range(num_layers)] if num_layers else []
         super().__init__(layers=layers)
 
@@ -485,3 +501,41 @@ class StreamBatch(Cache):
             keys[i, :, : k.shape[-2]] = k[0]
             values[i, :, : v.shape[-2]] = v[0]
         return keys, values
+
+
+# Context-window extension without fine-tuning, through transformers' own rope scaling types.
+ROPE_SCALINGS = {"pi": "linear", "ntk": "dynamic", "yarn": "yarn"}
+
+
+@contextlib.contextmanager
+def rope_scaled(model, kind: str, factor: float):
+    """Within the block, the model's RoPE is scaled by `factor` to a window `factor` times its own: "pi" (linear
+    position interpolation), "ntk" (dynamic NTK) or "yarn". The model's rotary modules are rebuilt from a copy of its
+    config with transformers' `rope_parameters` (its own implementations of those methods) and put back after."""
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"unknown RoPE scaling {kind!r}; choose from {', '.join(ROPE_SCALINGS)}")
+    if not factor or factor < 1:
+        raise ValueError(f"the scaling factor must be >= 1, got {factor}")
+    config = model.config
+    if uses_alibi(config) or not isinstance(getattr(config, "rope_parameters", None), dict):
+        raise UnsupportedModelError(f"model type {config.model_type!r} has no RoPE to scale")
+    scaled = copy.deepcopy(config)
+    params = dict(config.rope_parameters)
+    params.update(rope_type=ROPE_SCALINGS[kind], factor=float(factor))
+    if kind == "yarn":
+        params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+    scaled.rope_parameters = params
+    replaced = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if "Rotary" in type(child).__name__ and hasattr(child, "inv_freq"):
+                fresh = type(child)(config=scaled).to(child.inv_freq.device)
+                setattr(parent, name, fresh)
+                replaced.append((parent, name, child))
+    if not replaced:
+        raise UnsupportedModelError(f"found no rotary embedding module in model type {config.model_type!r}")
+    try:
+        yield scaled
+    finally:
+        for parent, name, child in replaced:
+            setattr(parent, name, child)

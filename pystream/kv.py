@@ -139,7 +139,8 @@ class KVLayer:
         self.values = torch.zeros(
             batch, heads, cap, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device
         )
-        self.sink_store = self.keys.new_zeros(batch, heads, sinks, head_dim) if sinks else None
+        self.sink_store = self.keys.new_zeros(batch, heads, sinks, head_dim) if sinks and kv.rotary else None
+        self.ordered = (torch.empty_like(self.keys), torch.empty_like(self.values)) if kv.logical_order else None
         rot = kv.rotary.rotary_dim if kv.rotary is not None else 0
         # cat(x2, x1) of each stored sink's rotated part, so that placing the sinks takes two ops (rotate_into).
         self.sink_swapped = self.keys.new_zeros(batch, heads, sinks, rot) if sinks and rot else None
@@ -160,6 +161,7 @@ class KVLayer:
         total = self.keys.nbytes + self.values.nbytes
         total += self.sink_store.nbytes if self.sink_store is not None else 0
         total += self.sink_swapped.nbytes if self.sink_swapped is not None else 0
+        total += sum(t.nbytes for t in self.ordered) if self.ordered is not None else 0
         total += self.scratch.nbytes if self.scratch is not None else 0
         return total
 
@@ -168,7 +170,7 @@ class _Step:
     """What the ring decided for the tokens of the current forward; shared by every layer."""
 
     __slots__ = ("n", "first_token", "slot", "slots", "occupied", "sink_shift", "sink_cos", "sink_sin",
-                 "rebase", "rebase_cos", "rebase_sin", "sink_writes", "layers_done")
+                 "rebase", "rebase_cos", "rebase_sin", "sink_writes", "layers_done", "order")
 
     def __init__(self):
         self.sink_cos = self.sink_sin = self.rebase_cos = self.rebase_sin = None
@@ -190,7 +192,7 @@ class StreamingKV:
     """
 
     def __init__(self, num_layers: int | None, num_sinks: int, window: int, rotary: RotarySpec | None,
-                 rebase_interval: int | None = None, batch_size: int | None = None):
+                 rebase_interval: int | None = None, batch_size: int | None = None, logical_order: bool = False):
         for name, value in (("num_sinks", num_sinks), ("window", window)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -202,8 +204,14 @@ class StreamingKV:
             raise ValueError("num_sinks + window must be > 0: a cache of 0 slots holds nothing")
         if window < 1:
             raise ValueError(f"window must be >= 1: the newest token always occupies a window slot (got {window})")
-        if num_sinks > 0 and rotary is None:
+        if num_sinks > 0 and rotary is None and not logical_order:
             raise ValueError("a cache with sinks needs the model's rotary embedding (rotary=...) to place them")
+        if logical_order and rotary is not None:
+            raise ValueError("logical_order is for position biases built from the key order (ALiBi), not RoPE")
+        # ALiBi models bias each key by its index among the keys they are given: the paper's contiguous bias needs
+        # the keys in logical order (sinks, then the window oldest to newest), so once the ring wraps they are
+        # gathered into a second preallocated buffer every step (O(cache) copying, no allocation).
+        self.logical_order = logical_order
         self.num_layers, self.num_sinks, self.window = num_layers, num_sinks, window
         self.capacity = num_sinks + window
         self.rotary = rotary
@@ -436,6 +444,8 @@ class StreamingKV:
         """
         if not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+        if self.logical_order:
+            raise ValueError("this model takes no positions (ALiBi biases come from the order of the keys)")
         if self.rotary is None:
             raise ValueError("re-basing positions needs the model's rotary embedding: build the cache with config=")
         ring = self.ring
@@ -489,7 +499,7 @@ class StreamingKV:
 
     def _adopt_positions(self, position_ids: torch.Tensor | None, n: int) -> None:
         """Make the ring's frame match the positions the model rotated the new tokens with."""
-        if position_ids is None or position_ids is self._planned:
+        if position_ids is None or position_ids is self._planned or self.logical_order:
             return
         ring = self.ring
         streams = ring.num_streams
@@ -576,6 +586,7 @@ class StreamingKV:
                                 for t in range(first, min(first + n, S))] or None
         step.sink_shift = sink_shift
         step.rebase = pending if any(pending) else None
+        step.order = self._order_index(step) if self.logical_order and step.occupied == self.capacity else None
         self._step = step
 
     def update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
@@ -584,6 +595,23 @@ class StreamingKV:
             with record_function("pystream::cache_update"):
                 return self._update(layer_idx, key_states, value_states, position_ids)
         return self._update(layer_idx, key_states, value_states, position_ids)
+
+    def _order_index(self, step) -> torch.Tensor:
+        """Slots in logical order (sinks, then the window oldest to newest) for a full cache, in a reused tensor."""
+        ring = self.ring
+        if step.slot < 0:
+            raise ValueError("a logical-order (ALiBi) cache needs every stream at the same length")
+        oldest = ring.slot_for_token(ring.seen(0) - self.window) - self.num_sinks
+        device = self._device() or "cpu"
+        if getattr(self, "_order", None) is None or self._order.device != torch.device(device):
+            with torch.inference_mode(False):
+                self._order = torch.arange(self.capacity, device=device)
+                self._window_arange = torch.arange(self.window, device=device)
+        window_part = self._order[self.num_sinks:]
+        torch.add(self._window_arange, oldest, out=window_part)
+        torch.remainder(window_part, self.window, out=window_part)
+        window_part.add_(self.num_sinks)
+        return self._order
 
     def _update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
                 position_ids: torch.Tensor | None = None):
@@ -638,9 +666,9 @@ class StreamingKV:
             layer.keys[:, :, first:first + n].copy_(key_states)
             layer.values[:, :, first:first + n].copy_(value_states)
 
-        if step.sink_writes:
+        if step.sink_writes and layer.sink_store is not None:
             self._store_sinks(layer, step, key_states)
-        if S:
+        if S and self.rotary is not None:
             if self.profile:
                 with record_function("pystream::rerotate"):
                     self._place_sinks(layer, step)
@@ -651,6 +679,11 @@ class StreamingKV:
         if self._valid is not None:
             return self._attend_valid(layer, step)
         occ = step.occupied
+        if step.order is not None:
+            keys, values = layer.ordered
+            torch.index_select(layer.keys, 2, step.order, out=keys)
+            torch.index_select(layer.values, 2, step.order, out=values)
+            return keys, values
         if occ == self.capacity:  # the steady state: the whole buffer, no view to make
             return layer.keys, layer.values
         return layer.keys[:, :, :occ], layer.values[:, :, :occ]

@@ -7,8 +7,10 @@ from scratch for every new token.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +20,25 @@ import torch
 
 from . import measure
 from .baselines import recompute_logits
-from .hf import DynamicCache, SinkCache, WindowCache, decode_attention_mask
+from .hf import DynamicCache, SinkCache, StreamBatch, WindowCache, decode_attention_mask, rope_scaled
 from .quality import nll_dense, nll_recompute, nll_streaming, perplexity, sampled_perplexity
 from .results import record
 from .streaming import prefill
 
 METHODS = ("sink", "window", "recompute", "dense")
 STREAMING = ("sink", "window")
+# Dense attention with the model's RoPE scaled to a longer window (transformers' own rope scaling types):
+# "dense-pi:4" (linear position interpolation), "dense-ntk:4" (dynamic NTK), "dense-yarn:4" (YaRN).
+SCALED_DENSE = re.compile(r"dense-(pi|ntk|yarn):(\d+(?:\.\d+)?)")
+
+
+def is_dense(method: str) -> bool:
+    return method == "dense" or SCALED_DENSE.fullmatch(method) is not None
+
+
+def rope_scaling_of(method: str) -> tuple[str, float] | None:
+    match = SCALED_DENSE.fullmatch(method)
+    return (match.group(1), float(match.group(2))) if match else None
 BUCKET_TOKENS = 256
 
 
@@ -128,9 +142,15 @@ class Bench:
                 for method in ("recompute", "sink", "window"):
                     if method in self.cfg.methods:
                         plan.append((method, cache_size, length))
-            if "dense" in self.cfg.methods:
-                plan.append(("dense", None, length))
+            for method in self.cfg.methods:
+                if is_dense(method):
+                    plan.append((method, None, length))
         return plan
+
+    def scaling(self, method: str):
+        """The context a method runs in: its RoPE scaling for dense-pi/ntk/yarn, nothing otherwise."""
+        scaling = rope_scaling_of(method)
+        return rope_scaled(self.model, *scaling) if scaling else contextlib.nullcontext()
 
     def cell_mode(self, method: str) -> str:
         return "stateless" if method == "recompute" else self.cfg.mode
@@ -142,15 +162,18 @@ class Bench:
                       window=None if cache_size is None else cache_size - (self.cfg.sinks if method == "sink" else 0),
                       dtype=self.cfg.dtype, device=str(self.device),
                       text_cycled=self.tokens.cycles(length + self.cfg.warmup + self.cfg.steps))
+        scaling = rope_scaling_of(method)
+        if scaling:
+            common["rope_scaling"] = {"type": scaling[0], "factor": scaling[1]}
         started = time.perf_counter()
-        if method == "dense":
+        if is_dense(method):
             needed = length * measure.kv_bytes_per_token(self.config, self.dtype) * self.cfg.batch
             ok, message = measure.fits(needed, self.device)
             if not ok:
                 return record("cell", **common, status="oom", error=message, kv_bytes_needed=needed)
         try:
-            with measure.peak_memory(self.device) as memory:
-                result = getattr(self, f"_cell_{method}")(cache_size, length)
+            with measure.peak_memory(self.device) as memory, self.scaling(method):
+                result = getattr(self, "_cell_dense" if is_dense(method) else f"_cell_{method}")(cache_size, length)
         except (torch.OutOfMemoryError, MemoryError) as err:
             self._free()
             text = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -176,7 +199,7 @@ class Bench:
                       if r.get("record") == "cell" and r.get("method") == "recompute" and r.get("status") == "ok"
                       and r.get("length") == rec["length"]}
         p50 = rec["latency_ms"]["p50"]
-        if rec["method"] == "dense":
+        if is_dense(rec["method"]):
             rec["speedup_vs_recompute"] = {str(cs): v / p50 for cs, v in recomputes.items()} or None
         elif rec["method"] != "recompute" and rec["cache_size"] in recomputes:
             rec["speedup_vs_recompute"] = recomputes[rec["cache_size"]] / p50
@@ -337,8 +360,9 @@ class Bench:
         if self.cfg.ppl_tokens <= 1:
             return []
         cache_size = self.cfg.quality_cache
-        order = [m for m in ("dense", "sink", "window", "recompute") if m in self.cfg.methods]
-        return [(m, None if m == "dense" else cache_size) for m in order]
+        order = [m for m in self.cfg.methods if is_dense(m)]
+        order += [m for m in ("sink", "window", "recompute") if m in self.cfg.methods]
+        return [(m, None if is_dense(m) else cache_size) for m in order]
 
     def quality_key(self, method: str, cache_size: int | None) -> tuple:
         return ("quality", method, cache_size, self.cfg.ppl_tokens, "quality",
@@ -346,6 +370,32 @@ class Bench:
 
     def cell_key(self, method: str, cache_size: int | None, length: int) -> tuple:
         return ("cell", method, cache_size, length, self.cell_mode(method), self.cfg.sinks if method == "sink" else 0)
+
+    def _streaming_nll(self, method: str, cache_size: int, x: torch.Tensor, tick) -> np.ndarray:
+        """Token by token. When both sink and window are asked for, they stream together as one batch of two (one
+        forward per token for both); the second one's result is kept for its turn."""
+        key = (method, cache_size, x.shape[0])
+        done = getattr(self, "_streamed", {})
+        if key in done:
+            return done.pop(key)
+        make = {"sink": lambda: SinkCache(self.cfg.sinks, cache_size - self.cfg.sinks, self.config),
+                "window": lambda: WindowCache(cache_size, self.config)}
+        methods = [m for m in STREAMING if m in self.cfg.methods]
+        if len(methods) < 2:
+            return nll_streaming(self.model, make[method](), x, on_step=tick)
+        n = x.shape[0]
+        batch = StreamBatch([make[m]() for m in methods])
+        out = np.full((len(methods), n - 1), np.nan)
+        with torch.inference_mode():
+            for t in range(n - 1):
+                logits = self.model(x[t:t + 1].expand(len(methods), 1), cache=batch,
+                                    position_ids=batch.position_ids(), attention_mask=batch.attention_mask(),
+                                    use_cache=True).logits[:, -1]
+                out[:, t] = torch.nn.functional.cross_entropy(logits.float(), x[t + 1].expand(len(methods)),
+                                                              reduction="none").cpu().numpy()
+                tick(t)
+        self._streamed = {(m, cache_size, n): out[i] for i, m in enumerate(methods) if m != method}
+        return out[methods.index(method)]
 
     def run_quality(self, method: str, cache_size: int | None) -> dict:
         n = self.cfg.ppl_tokens
@@ -358,16 +408,15 @@ class Bench:
         started = time.perf_counter()
         try:
             if method in STREAMING:
-                cache = (SinkCache(self.cfg.sinks, cache_size - self.cfg.sinks, self.config) if method == "sink"
-                         else WindowCache(cache_size, self.config))
-                nll = nll_streaming(model, cache, x, on_step=tick)
-            elif method == "dense":
+                nll = self._streaming_nll(method, cache_size, x, tick)
+            elif is_dense(method):
                 needed = n * measure.kv_bytes_per_token(self.config, self.dtype)
                 ok, message = measure.fits(needed, self.device)
                 if not ok:
                     return record("quality", method=method, cache_size=cache_size, length=n, mode="quality",
                                   status="oom", error=message)
-                nll = nll_dense(model, x, on_step=tick)
+                with self.scaling(method):
+                    nll = nll_dense(model, x, on_step=tick)
             else:
                 sample = self.cfg.recompute_ppl == "sample" or (
                     self.cfg.recompute_ppl == "auto" and self.device.type == "cpu")
@@ -393,8 +442,10 @@ class Bench:
             count = int((~np.isnan(part)).sum())
             buckets.append({"start": start + 1, "end": min(start + BUCKET_TOKENS, n - 1) + 1, "tokens": count,
                             "ppl": perplexity(part) if count else None})
+        scaling = rope_scaling_of(method)
+        extra = {"rope_scaling": {"type": scaling[0], "factor": scaling[1]}} if scaling else {}
         return record(
-            "quality", method=method, cache_size=cache_size, length=n, mode="quality", status="ok", tokens=n,
+            "quality", method=method, cache_size=cache_size, length=n, mode="quality", status="ok", tokens=n, **extra,
             sinks=self.cfg.sinks if method == "sink" else 0, ppl=ppl, ppl_ci95=ci, sampled=sampled,
             sample_size=sample_size, buckets=buckets, wall_s=time.perf_counter() - started,
             nll=[None if math.isnan(v) else round(float(v), 5) for v in nll],

@@ -135,3 +135,39 @@ def reference_from(cache, model) -> PaperReferenceCache:
         ref.layers[layer_idx].raw_keys = torch.cat(raw, dim=-2)
         ref.values_by_layer[layer_idx] = torch.cat(vals, dim=-2)
     return ref
+
+
+class AlibiReferenceCache(Cache):
+    """StreamingLLM for ALiBi models as the paper describes it, plainly: keep the first S and the most recent keys in
+    order (concatenating every step), so that the model's bias, built from the index of each key among those it is
+    given, is contiguous. Nothing to rotate."""
+
+    def __init__(self, model, num_sinks: int, window: int):
+        self.S, self.W = num_sinks, window
+        n_layers = model.config.num_hidden_layers
+        super().__init__(layers=[_RefLayer() for _ in range(n_layers)])
+        self.keys_by_layer = [None] * n_layers
+        self.values_by_layer = [None] * n_layers
+
+    def _kept_before(self, layer_idx, n_new):
+        keys = self.keys_by_layer[layer_idx]
+        m = 0 if keys is None else keys.shape[-2]
+        return min(m, self.S + self.W - n_new) if m + n_new > self.S + self.W else m
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kept_before(layer_idx, 1)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int):
+        return self._kept_before(layer_idx, query_length) + query_length, 0
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keep = self._kept_before(layer_idx, key_states.shape[-2])
+        keys, values = self.keys_by_layer[layer_idx], self.values_by_layer[layer_idx]
+        if keys is not None and keep < keys.shape[-2]:
+            recent = keep - self.S
+            cut = lambda t: torch.cat((t[..., : self.S, :], t[..., t.shape[-2] - recent:, :]), dim=-2)  # noqa
+            keys, values = cut(keys), cut(values)
+        keys = key_states if keys is None else torch.cat((keys, key_states), dim=-2)
+        values = value_states if values is None else torch.cat((values, value_states), dim=-2)
+        self.keys_by_layer[layer_idx], self.values_by_layer[layer_idx] = keys, values
+        return keys, values

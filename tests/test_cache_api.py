@@ -29,7 +29,6 @@ def max_diff(a, b):
 
 @pytest.mark.parametrize("make_config, model_type", [
     (lambda: __import__("transformers").GPT2Config(n_layer=2, n_embd=32, n_head=2), "gpt2"),
-    (lambda: __import__("transformers").BloomConfig(n_layer=2, hidden_size=32, n_head=2), "bloom"),
     (lambda: __import__("transformers").OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
                                                   ffn_dim=64), "opt"),
 ])
