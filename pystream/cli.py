@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -271,6 +270,35 @@ def run_metadata(args, values, loaded, text, n_tokens) -> dict:
     }
 
 
+def make_progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console)
+
+
+class saving_on_interrupt:
+    """Ctrl-C ends the run cleanly: the lock is released, what is finished is on disk, and the user is told how to
+    resume. The `with` value is a list that is non-empty after an interruption."""
+
+    def __init__(self, writer, console, out: Path, argv):
+        self.writer, self.console, self.out, self.argv = writer, console, out, argv
+        self.interrupted: list = []
+
+    def __enter__(self):
+        return self.interrupted
+
+    def __exit__(self, kind, value, traceback):
+        self.writer.close()
+        if kind is KeyboardInterrupt:
+            self.interrupted.append(True)
+            self.console.print(f"\n[yellow]interrupted[/yellow]: {len(self.writer.records)} finished record(s) are "
+                               f"saved in {self.out}. Resume with:\n  {resume_command(self.argv, self.out)}")
+            return True
+        return False
+
+
 def resume_command(argv, out: Path) -> str:
     words = list(sys.argv[1:] if argv is None else argv)
     if not any(w == "--out" or w.startswith("--out=") for w in words):
@@ -281,8 +309,6 @@ def resume_command(argv, out: Path) -> str:
 
 
 def _run_experiment(args, values, loaded, ids, writer, meta, console, out_console, argv) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
     from rich.table import Table
 
     from .experiments import PaperConfig, PaperExperiment, paper_table
@@ -293,19 +319,12 @@ def _run_experiment(args, values, loaded, ids, writer, meta, console, out_consol
     needed = max(cfg.tokens, cfg.cache_tokens, cfg.stability_tokens or 0)
     if needed > len(ids):
         console.print(f"[yellow]note[/yellow]: the text has {len(ids):,} tokens; longer streams cycle it")
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    progress = make_progress(console)
     started = time.perf_counter()
-    try:
-        with progress:
-            PaperExperiment(cfg, loaded.model, ids, writer, progress, values["device"], values["out"]).run()
-    except KeyboardInterrupt:
-        writer.close()
-        console.print(f"\n[yellow]interrupted[/yellow]: {len(writer.records)} finished record(s) are saved in "
-                      f"{values['out']}. Resume with:\n  {resume_command(argv, values['out'])}")
+    with saving_on_interrupt(writer, console, values["out"], argv) as interrupted, progress:
+        PaperExperiment(cfg, loaded.model, ids, writer, progress, values["device"], values["out"]).run()
+    if interrupted:
         return 130
-    finally:
-        writer.close()
     table = Table(title=f"the paper's findings on {loaded.name} (ours) beside the paper's", title_justify="left")
     for name in ("finding", "setting", "ours", "paper", "paper's setting"):
         table.add_column(name, justify="right" if name in ("ours", "paper") else "left")
@@ -337,8 +356,6 @@ def _main(argv) -> int:
 
     import torch
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
 
     from .data import TextError, load_text, tokenize
     from .models import ModelLoadError, load_model
@@ -400,35 +417,27 @@ def _main(argv) -> int:
                       recompute_ppl=args.recompute_ppl, recompute_samples=args.recompute_samples,
                       device=values["device"], dtype=args.dtype, profile=args.profile,
                       profile_steps=args.profile_steps)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+    progress = make_progress(console)
     bench = Bench(cfg, loaded.model, ids, progress, console, run_dir=values["out"])
     cells = bench.cells()
     quality = bench.quality_plan()
     skipped = 0
-    try:
-        with progress:
-            overall = progress.add_task("[bold]cells", total=len(cells) + len(quality))
-            for method, cache_size, length in cells:
-                if writer.done(bench.cell_key(method, cache_size, length)) is not None:
-                    skipped += 1
-                    progress.advance(overall)
-                    continue
+    with saving_on_interrupt(writer, console, values["out"], argv) as interrupted, progress:
+        overall = progress.add_task("[bold]cells", total=len(cells) + len(quality))
+        for method, cache_size, length in cells:
+            if writer.done(bench.cell_key(method, cache_size, length)) is not None:
+                skipped += 1
+            else:
                 writer.append(bench.run_cell(method, cache_size, length, writer.records))
-                progress.advance(overall)
-            for method, cache_size in quality:
-                if writer.done(bench.quality_key(method, cache_size)) is None:
-                    writer.append(bench.run_quality(method, cache_size))
-                else:
-                    skipped += 1
-                progress.advance(overall)
-    except KeyboardInterrupt:
-        writer.close()
-        console.print(f"\n[yellow]interrupted[/yellow]: {len(writer.records)} finished record(s) are saved in "
-                      f"{values['out']}. Resume with:\n  {resume_command(argv, values['out'])}")
+            progress.advance(overall)
+        for method, cache_size in quality:
+            if writer.done(bench.quality_key(method, cache_size)) is None:
+                writer.append(bench.run_quality(method, cache_size))
+            else:
+                skipped += 1
+            progress.advance(overall)
+    if interrupted:
         return 130
-    finally:
-        writer.close()
     if skipped:
         console.print(f"resumed: {skipped} finished record(s) kept, not run again")
 

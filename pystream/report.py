@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .results import ResultsError, Run, load_run
+from .results import ResultsError, Run, cache_label, load_run
 
 MIB = 1024**2
 # One colour per method across every figure.
@@ -48,14 +48,6 @@ def method_color(method: str) -> str:
 
 def esc(value) -> str:
     return html.escape("" if value is None else str(value), quote=True)
-
-
-def cache_label(rec: dict) -> str:
-    if rec.get("cache_size") is None:
-        return ""
-    if rec.get("sinks"):
-        return f"{rec['sinks']}+{rec['cache_size'] - rec['sinks']}"
-    return str(rec["cache_size"])
 
 
 def series_name(rec: dict) -> str:

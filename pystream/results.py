@@ -52,6 +52,15 @@ def record(kind: str, **fields) -> dict:
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "record": kind, **_clean(fields)}
 
 
+def cache_label(rec: dict) -> str:
+    """How a record's cache reads: "4+1020" with sinks, "1024" without, "" when it has none (dense)."""
+    if rec.get("cache_size") is None:
+        return ""
+    if rec.get("sinks"):
+        return f"{rec['sinks']}+{rec['cache_size'] - rec['sinks']}"
+    return str(rec["cache_size"])
+
+
 def cell_key(rec: dict) -> tuple:
     """What identifies a record across a resume."""
     return (rec.get("record"), rec.get("method"), rec.get("cache_size"), rec.get("length"), rec.get("mode"),

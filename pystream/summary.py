@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from .results import cache_label
+
 MIB = 1024**2
 
 
@@ -19,8 +21,7 @@ def cells_table(records: list[dict]) -> Table:
     for rec in records:
         if rec.get("record") != "cell":
             continue
-        cache = "-" if rec.get("cache_size") is None else (
-            f"{rec['sinks']}+{rec['window']}" if rec.get("sinks") else str(rec["cache_size"]))
+        cache = cache_label(rec) or "-"
         if rec.get("status") != "ok":
             table.add_row(rec["method"], cache, f"{rec['length']:,}", rec.get("mode", ""),
                           f"[red]{rec.get('error', rec.get('status'))}[/red]", "", "", "", "", "", "")
@@ -46,8 +47,7 @@ def quality_table(records: list[dict]) -> Table:
     for rec in records:
         if rec.get("record") != "quality":
             continue
-        cache = "-" if rec.get("cache_size") is None else (
-            f"{rec['sinks']}+{rec['cache_size'] - rec['sinks']}" if rec.get("sinks") else str(rec["cache_size"]))
+        cache = cache_label(rec) or "-"
         if rec.get("status") != "ok":
             table.add_row(rec["method"], cache, f"{rec['length']:,}", "-", "-", rec.get("error", ""))
             continue

@@ -7,7 +7,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from conftest import tiny_config, tiny_model
 from pystream import SinkCache, UnsupportedModelError, WindowCache
-from reference import PaperReferenceCache, reference_from
+from reference import reference_from
 
 S, W = 4, 64
 
