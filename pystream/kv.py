@@ -44,7 +44,8 @@ class RotarySpec:
     def cos_sin(self, shifts: torch.Tensor, dtype: torch.dtype, device: torch.device):
         """cos and sin of `shifts[..., None] * inv_freq`, computed in float64 then cast: `[*shifts.shape, rot/2]`."""
         angles = shifts.to(torch.float64).unsqueeze(-1) * self.inv_freq.to(torch.float64)
-        # float64 keeps the angle exact to ~1e-16 relative; reduce before the cast so large shifts stay exact too.
+        # float64: the angle is exact to ~1e-16 of the shift, far below float32 rounding for the shifts the cache
+        # uses (small with its own positions); reducing it before the cast keeps sin/cos of large angles exact.
         angles = torch.remainder(angles, 2 * math.pi)
         return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
 

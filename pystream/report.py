@@ -35,6 +35,7 @@ METHOD_COLORS = {
 _EXTRA_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 RUN_DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
 ROLLING_TOKENS = 64
+MAX_POINTS = 2500  # per line in the perplexity-by-position figure
 
 
 def method_color(method: str) -> str:
@@ -205,21 +206,28 @@ def fig_ppl_by_position(runs):
                 pretraining.add(rec["pretraining_length"])
             if rec.get("cache_size"):
                 caches.add(rec["cache_size"])
-            if rec.get("sampled"):
-                buckets = [b for b in rec["buckets"] if b.get("ppl")]
+            if rec.get("sampled"):  # a handful of samples per bin: wide bins, with their sample counts
+                width = max(1024, len(nll) // 12)
+                bins = []
+                for start in range(0, len(nll), width):
+                    part = nll[start:start + width]
+                    part = part[~np.isnan(part)]
+                    if part.size:
+                        bins.append((start + min(width, len(nll) - start) / 2 + 1, float(part.mean()), part.size))
                 fig.add_trace(go.Scatter(
-                    x=[(b["start"] + b["end"]) / 2 for b in buckets], y=[math.log(b["ppl"]) for b in buckets],
-                    mode="markers+lines", name=esc(name + f" (sampled, {rec['sample_size']} positions)"),
-                    line=dict(color=method_color(rec["method"]), dash="dot"),
-                    customdata=[[b["tokens"], b["ppl"]] for b in buckets],
-                    hovertemplate="tokens %{x:,.0f}<br>log PPL %{y:.3f} (PPL %{customdata[1]:.2f}, "
-                                  "%{customdata[0]} samples)<extra></extra>"))
+                    x=[b[0] for b in bins], y=[b[1] for b in bins], mode="markers+lines",
+                    name=esc(name + f" (sampled, {rec['sample_size']} positions)"),
+                    line=dict(color=method_color(rec["method"]), dash="dot"), customdata=[b[2] for b in bins],
+                    hovertemplate=f"tokens in a {width:,}-token bin around %{{x:,.0f}}<br>log PPL %{{y:.3f}} "
+                                  "(%{customdata} samples)<extra></extra>"))
                 continue
             window = min(ROLLING_TOKENS, max(1, len(nll) // 4))
             kernel = np.ones(window) / window
             rolling = np.convolve(np.nan_to_num(nll), kernel, mode="valid")
-            x = np.arange(window, len(nll) + 1) + 1  # position of the predicted token
-            fig.add_trace(go.Scatter(x=x, y=rolling, mode="lines", name=esc(name),
+            # A point every few tokens is all a screen shows; it keeps a 20k-token report small.
+            stride = max(1, len(rolling) // MAX_POINTS)
+            fig.add_trace(go.Scatter(x0=window + 1, dx=stride, y=np.round(rolling[::stride], 4), mode="lines",
+                                     name=esc(name),
                                      line=dict(color=method_color(rec["method"]), dash=dash),
                                      hovertemplate="token %{x:,}<br>log PPL %{y:.3f}<extra>" + esc(name)
                                                    + "</extra>"))
@@ -354,7 +362,8 @@ def fig_attention_share(runs):
                         subplot_titles=["share of attention on the first token"]
                         + [f"layer {k}: mean attention" for k in maps])
     fig.add_trace(go.Heatmap(z=share, x=[f"h{h}" for h in range(share.shape[1])], y=list(range(share.shape[0])),
-                             colorscale="Viridis", zmin=0, zmax=1, colorbar=dict(x=0.36, title="share"),
+                             colorscale="Viridis", zmin=0, zmax=1,
+                             colorbar=dict(x=-0.12, thickness=12, title="share"),
                              hovertemplate="layer %{y}, head %{x}<br>%{z:.3f} of the attention<extra></extra>"),
                   row=1, col=1)
     for col, (layer, grid) in enumerate(maps.items(), start=2):
