@@ -13,14 +13,17 @@ def _fmt(value, spec="{:,.1f}"):
     return "-" if value is None else spec.format(value)
 
 
+def _table(title: str, columns: tuple, text_columns: tuple) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in columns:
+        table.add_column(name, justify="left" if name in text_columns else "right")
+    return table
+
+
 def cells_table(records: list[dict]) -> Table:
-    table = Table(title="decode per token", title_justify="left")
-    for name in ("method", "cache", "length", "mode", "p50 ms", "p90 ms", "p99 ms", "tok/s", "peak RSS MiB",
-                 "KV MiB", "x recompute"):
-        table.add_column(name, justify="left" if name in ("method", "mode") else "right")
-    for rec in records:
-        if rec.get("record") != "cell":
-            continue
+    table = _table("decode per token", ("method", "cache", "length", "mode", "p50 ms", "p90 ms", "p99 ms", "tok/s",
+                                        "peak RSS MiB", "KV MiB", "x recompute"), ("method", "mode"))
+    for rec in (r for r in records if r.get("record") == "cell"):
         cache = cache_label(rec) or "-"
         if rec.get("status") != "ok":
             table.add_row(rec["method"], cache, f"{rec['length']:,}", rec.get("mode", ""),
@@ -41,12 +44,9 @@ def cells_table(records: list[dict]) -> Table:
 
 
 def quality_table(records: list[dict]) -> Table:
-    table = Table(title="quality: perplexity over the first tokens of the text", title_justify="left")
-    for name in ("method", "cache", "tokens", "PPL", "95% CI", "note"):
-        table.add_column(name, justify="left" if name in ("method", "note") else "right")
-    for rec in records:
-        if rec.get("record") != "quality":
-            continue
+    table = _table("quality: perplexity over the first tokens of the text",
+                   ("method", "cache", "tokens", "PPL", "95% CI", "note"), ("method", "note"))
+    for rec in (r for r in records if r.get("record") == "quality"):
         cache = cache_label(rec) or "-"
         if rec.get("status") != "ok":
             table.add_row(rec["method"], cache, f"{rec['length']:,}", "-", "-", rec.get("error", ""))

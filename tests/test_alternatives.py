@@ -57,11 +57,9 @@ def test_scaling_refuses_what_it_cannot_do():
 
 
 def test_scaled_dense_methods_in_the_cli(tmp_path, capsys):
-    from test_cli import char_tokenizer
+    from test_cli import save_tiny_model
 
-    folder = tmp_path / "m"
-    tiny_model("llama").save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
+    folder = save_tiny_model(tmp_path / "m")
     text = tmp_path / "t.txt"
     text.write_text("And God saw the light, that it was good. " * 20)
     out = tmp_path / "run"

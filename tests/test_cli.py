@@ -29,12 +29,16 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(folder, safe_serialization=True)
+def save_tiny_model(folder, arch="llama"):
+    """A tiny random model and the character tokenizer, saved as a transformers folder."""
+    tiny_model(arch).save_pretrained(folder)
     char_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -188,10 +192,8 @@ def test_bad_files(tiny_model_dir, text_file, tmp_path, capsys):
 
 
 def test_pickled_weights_are_refused(tmp_path, text_file, capsys):
-    folder = tmp_path / "pickled"
+    folder = save_tiny_model(tmp_path / "pickled")
     model = tiny_model("llama")
-    model.save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
     (folder / "model.safetensors").unlink()  # leave only a pickle, which would run code when loaded
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     code, _, stderr = run_cli(["--model", folder, "--text", text_file, "--out", tmp_path / "run"], capsys)

@@ -11,7 +11,7 @@ from conftest import tiny_model
 from pystream import SinkCache, WindowCache
 from pystream.experiments import PaperConfig, PaperExperiment, paper_table
 from pystream.hf import StreamBatch
-from test_cli import char_tokenizer, run_cli
+from test_cli import run_cli, save_tiny_model
 
 
 def stream_single(model, cache, ids):
@@ -91,9 +91,7 @@ def test_interrupted_stream_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_paper_experiment_through_the_cli(tmp_path, capsys):
-    folder = tmp_path / "model"
-    tiny_model("llama").save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
+    folder = save_tiny_model(tmp_path / "model")
     text = tmp_path / "text.txt"
     text.write_text("And God said, Let there be light: and there was light. " * 30)
     out = tmp_path / "run"

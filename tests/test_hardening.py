@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pystream.results import read_results
-from test_cli import char_tokenizer, run_cli, tiny_model  # noqa: F401 (fixtures below reuse them)
+from test_cli import run_cli, save_tiny_model
 
 SLOW_ARGS = ["--methods", "sink,window", "--lengths", "100,200,300", "--cache-sizes", "32", "--steps", "1500",
              "--warmup", "1", "--ppl-tokens", "0", "--no-report"]
@@ -18,10 +18,7 @@ SLOW_ARGS = ["--methods", "sink,window", "--lengths", "100,200,300", "--cache-si
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +31,11 @@ def text(tmp_path_factory):
 def start(model_dir, text, out, *extra):
     cmd = [sys.executable, "-m", "pystream.cli", "--model", str(model_dir), "--text", str(text), "--out", str(out),
            *SLOW_ARGS, *extra]
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it: give the run the
+    # default disposition, as a terminal would, whatever started this test.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_records(out, count, proc, timeout=120):
