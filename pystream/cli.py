@@ -22,7 +22,7 @@ examples:
   pystream-bench --model ./my-llama --text book.txt --lengths 16k --mode stream --ppl-tokens 12288
       your own model folder and text, streaming every token up to 16k for real
   pystream-bench --experiment paper
-      the paper's five findings on the bundled model, with our numbers beside the paper's (~35 minutes)
+      the paper's five findings on the bundled model, with our numbers beside the paper's (~21 minutes)
 """
 
 DEFAULT_PPL_TOKENS = 1536
