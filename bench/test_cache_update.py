@@ -1,6 +1,7 @@
 """The C++ bookkeeping calls, and one layer's cache update per decode step at several capacities.
 
-Shapes are the bundled SmolLM2-135M's (3 KV heads x 64 features, float32, CPU). Every cache is measured full, in a
+Shapes are the bundled SmolLM2-135M's (3 KV heads x 64 features; float32 on the CPU, and bfloat16 on a CUDA device
+where there is one). Every cache is measured full, in a
 steady state: streaming caches are full and keep evicting; dense and static are cropped back by one token after
 each step so they stay at the capacity being measured.
 """
@@ -58,10 +59,11 @@ def test_ring_positions(record):
 
 # ---- one layer's update ----------------------------------------------------------------------------------------------
 
-def make_update(method, capacity):
+def make_update(method, capacity, device="cpu", dtype=torch.float32):
     """A closure doing one steady-state decode update of a full cache of `capacity` tokens."""
     config = one_layer_config()
-    k, v = torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64)
+    k, v = (torch.randn(1, 3, 1, 64, device=device, dtype=dtype) for _ in range(2))
+    fill = lambda: torch.randn(1, 3, capacity - 1, 64, device=device, dtype=dtype)  # noqa: E731
     if method in ("sink", "window"):
         cache = SinkCache(SINKS, capacity - SINKS, config) if method == "sink" else WindowCache(capacity, config)
         with torch.inference_mode():
@@ -81,7 +83,7 @@ def make_update(method, capacity):
     elif method == "dense":
         cache = DynamicCache(config=config)
         with torch.inference_mode():
-            cache.update(torch.randn(1, 3, capacity - 1, 64), torch.randn(1, 3, capacity - 1, 64), 0)
+            cache.update(fill(), fill(), 0)
 
         def step():
             cache.update(k, v, 0)
@@ -89,15 +91,21 @@ def make_update(method, capacity):
     else:  # static: transformers' preallocated cache, the floor a streaming cache is held to
         cache = StaticCache(config=config, max_cache_len=capacity)
         with torch.inference_mode():
-            cache.update(torch.randn(1, 3, capacity - 1, 64), torch.randn(1, 3, capacity - 1, 64), 0)
+            cache.update(fill(), fill(), 0)
 
         def step():
             cache.update(k, v, 0)
             cache.crop(-1)
 
-    def run():
-        with torch.inference_mode():
-            step()
+    if torch.device(device).type == "cuda":
+        def run():  # the clock must see the GPU's work, not only its launch
+            with torch.inference_mode():
+                step()
+            torch.cuda.synchronize()
+    else:
+        def run():
+            with torch.inference_mode():
+                step()
 
     return run
 
@@ -107,6 +115,16 @@ def make_update(method, capacity):
 def test_layer_update(record, method, capacity):
     record(make_update(method, capacity), key=f"update_{method}_{capacity}", method=method, capacity=capacity,
            dtype="float32", device="cpu", op="layer_update")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("capacity", CAPACITIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_layer_update_cuda(record, method, capacity):
+    """The same update on a CUDA device in bfloat16, synchronised: on a GPU a step is a handful of kernel launches,
+    so what matters is how many each cache issues (recorded, not gated: GPUs differ too much)."""
+    record(make_update(method, capacity, "cuda", torch.bfloat16), key=f"update_{method}_{capacity}_cuda",
+           method=method, capacity=capacity, dtype="bfloat16", device=torch.cuda.get_device_name(), op="layer_update")
 
 
 def test_ratios_update():

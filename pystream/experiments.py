@@ -155,8 +155,8 @@ class PaperExperiment:
             self.part_stability()
 
     def _stream_caches(self, sinks: list[int], cache: int):
-        return [SinkCache(s, cache - s, self.model.config) if s else WindowCache(cache, self.model.config)
-                for s in sinks]
+        return [SinkCache(s, cache - s, self.model.config, device=self.device) if s
+                else WindowCache(cache, self.model.config, device=self.device) for s in sinks]
 
     def part_stream(self) -> None:
         """Parts 1 and 2 in one batch: every sink count at the same total cache, over the same tokens."""
@@ -205,7 +205,7 @@ class PaperExperiment:
         sizes = [c for c in cfg.cache_sizes if not self._done(self._key("sink", c, 4, cfg.cache_tokens, "cache"))]
         if not sizes:
             return
-        caches = [SinkCache(4, c - 4, self.model.config) for c in sizes]
+        caches = [SinkCache(4, c - 4, self.model.config, device=self.device) for c in sizes]
         nll = self._stream_batch("cache-sizes", caches, cfg.cache_tokens)
         for row, size in enumerate(sizes):
             self.writer.append(self._quality("sink", size, 4, nll[row], ["cache"]))

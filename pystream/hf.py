@@ -259,8 +259,10 @@ class StreamingCache(Cache):
     """Base of `SinkCache` and `WindowCache`: a `transformers.Cache` over a preallocated `StreamingKV`."""
 
     def __init__(self, num_sinks: int, window: int, config=None, *, rebase_interval: int | None = None,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, device=None):
         alibi = False
+        if device is None and isinstance(config, torch.nn.Module):
+            device = next(config.parameters()).device
         if config is not None:
             cfg = _config_of(config)
             check_supported(cfg)
@@ -281,7 +283,7 @@ class StreamingCache(Cache):
                 )
             rotary, num_layers = None, None
         self.kv = StreamingKV(num_layers, num_sinks, window, rotary, rebase_interval=rebase_interval,
-                              batch_size=batch_size, logical_order=alibi)
+                              batch_size=batch_size, logical_order=alibi, device=device)
         layers = [StreamingLayer(self.kv, i) for i in range(num_layers)] if num_layers else []
         super().__init__(layers=layers)
 
@@ -372,20 +374,23 @@ class SinkCache(StreamingCache):
     >>> cache = SinkCache(num_sinks=4, window=1020, config=model.config)
     >>> out = model.generate(input_ids, cache=cache, max_new_tokens=20_000)
 
-    `config` may also be the model itself (its rotary frequencies are then read from it).
+    `config` may also be the model itself (its rotary frequencies and device are then read from it).
+    `device`: where `position_ids()` puts positions before the first forward; on a GPU, pass the model's device
+    (`SinkCache(4, 1020, model.config, device=model.device)`) or the model as `config`. Later the buffers' device.
     """
 
     def __init__(self, num_sinks: int = 4, window: int = 1020, config=None, *, rebase_interval: int | None = None,
-                 batch_size: int | None = None):
-        super().__init__(num_sinks, window, config, rebase_interval=rebase_interval, batch_size=batch_size)
+                 batch_size: int | None = None, device=None):
+        super().__init__(num_sinks, window, config, rebase_interval=rebase_interval, batch_size=batch_size,
+                         device=device)
 
 
 class WindowCache(StreamingCache):
     """The paper's window attention: `SinkCache` with no sinks (the `window` most recent tokens)."""
 
     def __init__(self, window: int = 1024, config=None, *, rebase_interval: int | None = None,
-                 batch_size: int | None = None):
-        super().__init__(0, window, config, rebase_interval=rebase_interval, batch_size=batch_size)
+                 batch_size: int | None = None, device=None):
+        super().__init__(0, window, config, rebase_interval=rebase_interval, batch_size=batch_size, device=device)
 
 
 class PaperCache(Cache):
@@ -478,7 +483,7 @@ class StreamBatch(Cache):
         mask = torch.zeros(len(lengths), width, dtype=torch.bool)
         for row, n in enumerate(lengths):
             mask[row, :n] = True
-        return mask
+        return mask.to(self.caches[0].kv._device() or "cpu")
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.caches[0].get_seq_length()

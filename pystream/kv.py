@@ -99,6 +99,11 @@ class RotationAngles:
         self.cos64, self.sin64 = torch.empty_like(self.angle), torch.empty_like(self.angle)
         self.cos = torch.empty(batch, 1, 1, 2 * half, dtype=dtype, device=device)
         self.sin = torch.empty_like(self.cos)
+        # Assembled on the host in the model's dtype, then one contiguous copy each: a copy into a strided slice of a
+        # GPU tensor, or one that converts dtypes on the way, would allocate a temporary on the device every call.
+        on_host = torch.device(device).type == "cpu"
+        self.cos_host = self.cos.view(batch, 2 * half) if on_host else torch.empty(batch, 2 * half, dtype=dtype)
+        self.sin_host = self.sin.view(batch, 2 * half) if on_host else torch.empty(batch, 2 * half, dtype=dtype)
         table_cos, table_sin = rotary.cos_sin(torch.arange(table_size), dtype, device)
         self.table_cos = torch.cat((table_cos, table_cos), -1)[:, None, None, :]
         self.table_sin = torch.cat((-table_sin, table_sin), -1)[:, None, None, :]
@@ -114,11 +119,16 @@ class RotationAngles:
         torch.remainder(self.angle, 2 * math.pi, out=self.angle)
         torch.cos(self.angle, out=self.cos64)
         torch.sin(self.angle, out=self.sin64)
-        half, shape = self.half, (self.cos.shape[0], 1, 1, self.half)
-        self.cos[..., :half].copy_(self.cos64.view(shape), non_blocking=True)
-        self.cos[..., half:].copy_(self.cos64.view(shape), non_blocking=True)
-        self.sin[..., half:].copy_(self.sin64.view(shape), non_blocking=True)
-        torch.neg(self.sin[..., half:], out=self.sin[..., :half])
+        half = self.half
+        self.cos_host[:, :half].copy_(self.cos64)
+        self.cos_host[:, half:].copy_(self.cos64)
+        self.sin_host[:, half:].copy_(self.sin64)
+        torch.neg(self.sin_host[:, half:], out=self.sin_host[:, :half])
+        if self.cos_host.data_ptr() != self.cos.data_ptr():
+            # From pageable host memory: the copy has read the host buffer when it returns, so the next call may
+            # overwrite it right away.
+            self.cos.view_as(self.cos_host).copy_(self.cos_host, non_blocking=True)
+            self.sin.view_as(self.sin_host).copy_(self.sin_host, non_blocking=True)
         return self.cos, self.sin
 
 
@@ -190,10 +200,13 @@ class StreamingKV:
         rebase_interval: model positions handed out by `position_ids` stay below S + W - 1 + rebase_interval; the
             window keys are re-rotated once per interval (amortised O(1) per token). Default: S + W.
         batch_size: number of streams; default taken from the first update.
+        device: where `position_ids` puts positions before the first update has allocated the buffers (after that,
+            the buffers' device); default the CPU. On a GPU, pass the model's device.
     """
 
     def __init__(self, num_layers: int | None, num_sinks: int, window: int, rotary: RotarySpec | None,
-                 rebase_interval: int | None = None, batch_size: int | None = None, logical_order: bool = False):
+                 rebase_interval: int | None = None, batch_size: int | None = None, logical_order: bool = False,
+                 device: torch.device | str | None = None):
         for name, value in (("num_sinks", num_sinks), ("window", window)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -229,6 +242,7 @@ class StreamingKV:
         self._angle_buffers: dict = {}
         self.profile = False  # wrap the update in torch.profiler ranges (see pystream-bench --profile)
         self._position_buffers: dict = {}
+        self.device = torch.device(device) if device is not None else None
         if batch_size is not None:
             self._make_ring(batch_size)
 
@@ -460,10 +474,14 @@ class StreamingKV:
             device = self._device()
         if num_tokens == 1:
             # The decode step reuses one buffer (a tensor from an earlier step is overwritten: use it right away).
-            host, on_device, host_np = self._decode_positions(ring.num_streams, device)
+            host, on_device, host_np, copied = self._decode_positions(ring.num_streams, device)
+            if copied is not None:
+                # The last step's copy out of this pinned buffer runs asynchronously: it must have read the buffer
+                # before the ring writes the next positions into it (no-op once the GPU has caught up).
+                copied.synchronize()
         else:
             host = torch.empty(ring.num_streams, num_tokens, dtype=torch.int64)
-            on_device, host_np = None, host.numpy()
+            on_device, host_np, copied = None, host.numpy(), None
         for b in range(ring.num_streams):
             ring.plan(b, num_tokens, host_np[b])
         if on_device is None:
@@ -472,6 +490,8 @@ class StreamingKV:
             positions = host
         else:
             positions = on_device.copy_(host, non_blocking=True)
+            if copied is not None:
+                copied.record()
         self._planned = positions
         return positions
 
@@ -487,16 +507,17 @@ class StreamingKV:
         host = torch.empty(streams, 1, dtype=torch.int64)
         on_device = host if device is None or torch.device(device).type == "cpu" else \
             torch.empty(streams, 1, dtype=torch.int64, device=device)
-        if on_device is not host and torch.cuda.is_available():
-            host = host.pin_memory()
-        buffers = self._position_buffers[key] = (host, on_device, host.numpy())
+        copied = None
+        if on_device is not host and on_device.device.type == "cuda":
+            host, copied = host.pin_memory(), torch.cuda.Event()
+        buffers = self._position_buffers[key] = (host, on_device, host.numpy(), copied)
         return buffers
 
     def _device(self):
         for layer in self.layers:
             if layer is not None:
                 return layer.device
-        return None
+        return self.device
 
     def _adopt_positions(self, position_ids: torch.Tensor | None, n: int) -> None:
         """Make the ring's frame match the positions the model rotated the new tokens with."""

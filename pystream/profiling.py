@@ -47,10 +47,11 @@ def profile_steps(step, steps: int, device, trace_path: Path | None) -> dict:
                 step(i)
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize(device)
-    totals = defaultdict(float)
+    totals, device_totals = defaultdict(float), defaultdict(float)
     for event in prof.events():
         if event.name.startswith("pystream::"):
             totals[event.name] += event.cpu_time_total / 1e3  # us -> ms, inclusive of what runs inside
+            device_totals[event.name] += getattr(event, "device_time_total", 0.0) / 1e3
     per = {name: value / steps for name, value in totals.items()}
     update = per.get(CACHE_UPDATE, 0.0)
     bookkeeping, rerotate = per.get(BOOKKEEPING, 0.0), per.get(REROTATE, 0.0)
@@ -65,6 +66,11 @@ def profile_steps(step, steps: int, device, trace_path: Path | None) -> dict:
         "step_ms": total,
     }
     result = {"steps": steps, "ms_per_step": breakdown}
+    if torch.device(device).type == "cuda":
+        # On a GPU the host only launches kernels: the ranges above are launch (host) time, and this is the time
+        # the GPU spent in the kernels each range launched.
+        result["gpu_ms_per_step"] = {name.removeprefix("pystream::"): value / steps
+                                     for name, value in device_totals.items()}
     if trace_path is not None:
         result["trace"] = _export_gzipped(prof, trace_path)
     return result

@@ -53,7 +53,7 @@ def nll_dense(model, ids: torch.Tensor, *, chunk: int = 1024, on_step: Callable[
     for start in range(0, n - 1, chunk):
         stop = min(start + chunk, n - 1)
         logits = model(ids[:, start:stop], cache=cache, use_cache=True).logits[0]
-        out[start:stop] = _token_nll(logits, ids[0, start + 1:stop + 1]).numpy()
+        out[start:stop] = _token_nll(logits, ids[0, start + 1:stop + 1]).cpu().numpy()
         if on_step is not None:
             on_step(stop - 1)
     return out

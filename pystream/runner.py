@@ -229,8 +229,9 @@ class Bench:
 
     def _streaming_cache(self, method: str, cache_size: int):
         if method == "sink":
-            return SinkCache(self.cfg.sinks, cache_size - self.cfg.sinks, self.config, batch_size=self.cfg.batch)
-        return WindowCache(cache_size, self.config, batch_size=self.cfg.batch)
+            return SinkCache(self.cfg.sinks, cache_size - self.cfg.sinks, self.config, batch_size=self.cfg.batch,
+                             device=self.device)
+        return WindowCache(cache_size, self.config, batch_size=self.cfg.batch, device=self.device)
 
     def _checkpoint_path(self, label: str) -> Path | None:
         if self.run_dir is None or self.cfg.mode != "stream":
@@ -378,8 +379,9 @@ class Bench:
         done = getattr(self, "_streamed", {})
         if key in done:
             return done.pop(key)
-        make = {"sink": lambda: SinkCache(self.cfg.sinks, cache_size - self.cfg.sinks, self.config),
-                "window": lambda: WindowCache(cache_size, self.config)}
+        make = {"sink": lambda: SinkCache(self.cfg.sinks, cache_size - self.cfg.sinks, self.config,
+                                          device=self.device),
+                "window": lambda: WindowCache(cache_size, self.config, device=self.device)}
         methods = [m for m in STREAMING if m in self.cfg.methods]
         if len(methods) < 2:
             return nll_streaming(self.model, make[method](), x, on_step=tick)

@@ -10,6 +10,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(1)
 
 ARCHS = ("llama", "mistral", "qwen2", "gpt_neox")
+# Tests that take `device` run on the CPU everywhere and again on a CUDA device where there is one.
+DEVICES = ("cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]))
 
 
 def tiny_config(arch: str, **overrides):
@@ -44,3 +47,8 @@ def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0, **overrides):
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)

@@ -104,12 +104,12 @@ def test_snapshot_restore_replays_exactly():
 
 
 @pytest.mark.parametrize("target", [10_000, 2**33 + 7])
-def test_fast_forward_then_refill_equals_reference_from_same_contents(target):
+def test_fast_forward_then_refill_equals_reference_from_same_contents(target, device):
     """Jump to `target`, feed the W tokens before it: the counters are those of a long stream, the window holds
     exactly those tokens, and decoding on equals the paper's algorithm started from the same cache contents."""
-    model = tiny_model("llama")
-    ids = torch.randint(0, 128, (1, S + W + 200), generator=torch.Generator().manual_seed(1))
-    cache = SinkCache(S, W, model.config)
+    model = tiny_model("llama").to(device)
+    ids = torch.randint(0, 128, (1, S + W + 200), generator=torch.Generator().manual_seed(1)).to(device)
+    cache = SinkCache(S, W, model.config, device=device)
     feed(model, cache, ids[:, :S])
     cache.fast_forward(target - W)
     feed(model, cache, ids[:, S:S + W])  # "the tokens just before target"
@@ -153,13 +153,13 @@ def test_fast_forward_keeping_the_window_equals_reference_from_same_contents(tar
     assert max_diff(ours, feed(model, fresh, ids[:, S + W:])) <= 1e-4
 
 
-def test_reset_stream_makes_a_ragged_batch_that_matches_single_runs():
-    model = tiny_model("mistral")
-    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(2))
-    batched = SinkCache(S, W, model.config)
+def test_reset_stream_makes_a_ragged_batch_that_matches_single_runs(device):
+    model = tiny_model("mistral").to(device)
+    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(2)).to(device)
+    batched = SinkCache(S, W, model.config, device=device)
     feed(model, batched, ids[:, :150])
     batched.reset_stream(1)
-    single0, single1 = SinkCache(S, W, model.config), SinkCache(S, W, model.config)
+    single0, single1 = SinkCache(S, W, model.config, device=device), SinkCache(S, W, model.config, device=device)
     feed(model, single0, ids[:1, :150])
     worst = 0.0
     with torch.inference_mode():
@@ -246,7 +246,38 @@ def test_cuda_matches_cpu():
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(4))
     cpu = feed(model, SinkCache(S, W, model.config), ids)
     gpu_model = tiny_model("llama").cuda()
-    cache = SinkCache(S, W, gpu_model.config)
+    cache = SinkCache(S, W, gpu_model)  # the model as config: positions go to its device from the first step
     gpu = feed(gpu_model, cache, ids.cuda())
     assert cache.kv.layers[0].keys.is_cuda
     assert max_diff(cpu, [g.cpu() for g in gpu]) <= 1e-3
+
+
+def test_positions_before_the_first_forward_go_to_the_given_device():
+    """Before any buffer exists the cache cannot know the model's device: `device=` (or the model as config) says
+    where the first positions go ("meta" stands in for a GPU here)."""
+    config = tiny_config("llama")
+    assert SinkCache(S, W, config, device="meta").position_ids(3).device.type == "meta"
+    assert SinkCache(S, W, config, batch_size=2, device="meta").position_ids(1).device.type == "meta"
+    assert WindowCache(W, config, batch_size=2, device="meta").position_ids(5).device.type == "meta"
+    assert SinkCache(S, W, config).position_ids(3).device.type == "cpu"
+    assert SinkCache(S, W, tiny_model("llama")).kv.device.type == "cpu"  # the model's
+
+
+def test_rotation_tables_through_a_host_buffer_match_direct_ones():
+    """Per-stream rotation angles are assembled on the host; off the CPU they travel through separate host buffers
+    and one contiguous copy. Simulated here on the CPU: both ways give the model's own cos/sin."""
+    from pystream.kv import RotarySpec, RotationAngles
+
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    rotary = RotarySpec(inv_freq=inv, rotary_dim=16)
+    direct = RotationAngles(rotary, 2, torch.float32, torch.device("cpu"), 4)
+    staged = RotationAngles(rotary, 2, torch.float32, torch.device("cpu"), 4)
+    staged.cos_host, staged.sin_host = torch.empty_like(staged.cos_host), torch.empty_like(staged.sin_host)
+    shifts = [-37, 2**33 + 5]  # different per stream: not served from the precomputed table
+    (cos_a, sin_a), (cos_b, sin_b) = direct(shifts), staged(shifts)
+    assert torch.equal(cos_a, cos_b) and torch.equal(sin_a, sin_b)
+    angle = torch.tensor(shifts, dtype=torch.float64)[:, None] * inv
+    angle = torch.remainder(angle, 2 * torch.pi)
+    expected_cos = torch.cat((angle.cos(), angle.cos()), -1).float()
+    expected_sin = torch.cat((-angle.sin(), angle.sin()), -1).float()
+    assert torch.allclose(cos_b.view(2, 16), expected_cos) and torch.allclose(sin_b.view(2, 16), expected_sin)

@@ -1,4 +1,5 @@
-"""The caches against oracles, on tiny random-weight models of every supported architecture (float32, CPU).
+"""The caches against oracles, on tiny random-weight models of every supported architecture (float32; on the CPU,
+and again on a CUDA device where there is one).
 
 1. SinkCache == the paper's algorithm (tests/reference.py) over 2,000 single-token steps, S=4, W=64, with sdpa and
    eager, with the model's own positions and with the cache's re-based positions: ring wrap-around and re-basing
@@ -36,14 +37,16 @@ def stream_both(model, ids, cache, ref, planned):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("planned", [True, False], ids=["cache-positions", "model-positions"])
-def test_sink_cache_equals_paper_algorithm(arch, attn, planned):
-    model = tiny_model(arch, attn)
+def test_sink_cache_equals_paper_algorithm(arch, attn, planned, device):
+    model = tiny_model(arch, attn).to(device)
     ids = torch.randint(0, model.config.vocab_size, (1, STEPS), generator=torch.Generator().manual_seed(1))
-    cache = SinkCache(S, W, model.config)
+    ids = ids.to(device)
+    cache = SinkCache(S, W, model.config, device=device)
     diffs = stream_both(model, ids, cache, PaperReferenceCache(model, S, W), planned)
     assert max(diffs) <= TOL, f"max diff {max(diffs):.2e} at step {diffs.index(max(diffs))}"
     # every internal event happened: the ring wrapped many times, and (cache positions) the frame was re-based
     assert cache.seen() == STEPS and STEPS > 20 * (S + W)
+    assert cache.kv.layers[0].keys.device.type == device.type
     if planned:
         assert cache.ring.frame_base(0) > 10 * (S + W)
         assert cache.get_seq_length() <= cache.ring.max_position
@@ -93,9 +96,9 @@ def greedy_reference(model, prompt, new_tokens):
     return tokens
 
 
-def test_generate_equals_greedy_reference_past_max_positions(arch):
-    model = tiny_model(arch)
-    prompt = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+def test_generate_equals_greedy_reference_past_max_positions(arch, device):
+    model = tiny_model(arch).to(device)
+    prompt = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3)).to(device)
     new_tokens = 3 * model.config.max_position_embeddings  # 192 > 64
     expected = greedy_reference(model, prompt, new_tokens)
     out = model.generate(prompt, cache=SinkCache(S, W, model.config), max_new_tokens=new_tokens,
@@ -113,11 +116,11 @@ def test_generate_with_deprecated_past_key_values(recwarn):
     assert torch.equal(out, expected)
 
 
-def test_prompt_longer_than_cache(arch):
+def test_prompt_longer_than_cache(arch, device):
     """A prompt of any length gives the same result as feeding it token by token, through prefill() and through
     pystream.generate()."""
-    model = tiny_model(arch)
-    prompt = torch.randint(0, 128, (1, 3 * (S + W) + 5), generator=torch.Generator().manual_seed(5))
+    model = tiny_model(arch).to(device)
+    prompt = torch.randint(0, 128, (1, 3 * (S + W) + 5), generator=torch.Generator().manual_seed(5)).to(device)
     ref = PaperReferenceCache(model, S, W)
     with torch.inference_mode():
         expected = [model(prompt[:, t:t + 1], cache=ref).logits[:, -1] for t in range(prompt.shape[1])]
@@ -175,11 +178,11 @@ def test_window_cache_without_config_uses_model_positions():
 
 
 @pytest.mark.parametrize("planned", [True, False], ids=["cache-positions", "model-positions"])
-def test_batch_of_two_equals_two_single_runs(arch, planned):
-    model = tiny_model(arch)
-    ids = torch.randint(0, 128, (2, 400), generator=torch.Generator().manual_seed(8))
-    batched = SinkCache(S, W, model.config)
-    singles = [SinkCache(S, W, model.config) for _ in range(2)]
+def test_batch_of_two_equals_two_single_runs(arch, planned, device):
+    model = tiny_model(arch).to(device)
+    ids = torch.randint(0, 128, (2, 400), generator=torch.Generator().manual_seed(8)).to(device)
+    batched = SinkCache(S, W, model.config, device=device)
+    singles = [SinkCache(S, W, model.config, device=device) for _ in range(2)]
     worst = 0.0
     with torch.inference_mode():
         for t in range(ids.shape[1]):
@@ -201,3 +204,29 @@ def test_paper_cache_baseline_equals_reference():
     diffs = stream_both(model, ids, PaperCache(S, W, model.config), PaperReferenceCache(model, S, W),
                         planned=False)
     assert max(diffs) <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch_name", ["llama", "gpt_neox"])
+def test_half_precision_error_is_the_references(arch_name, dtype, device):
+    """In bfloat16/float16 the cache rotates stored keys in that precision (sinks every step, the window at each
+    re-base). Its logits must stray from the float32 truth no further than the paper's algorithm run in the same
+    precision does: re-rotation must not pile up rounding error over a stream 12x the cache."""
+    exact = tiny_model(arch_name).to(device)
+    low = tiny_model(arch_name).to(device, dtype)
+    ids = torch.randint(0, 128, (1, 12 * (S + W)), generator=torch.Generator().manual_seed(1)).to(device)
+    truth, ref = PaperReferenceCache(exact, S, W), PaperReferenceCache(low, S, W)
+    cache = SinkCache(S, W, low)  # the model as config: its device comes with it
+    ref_error, our_error = [], []
+    with torch.inference_mode():
+        for t in range(ids.shape[1]):
+            x = ids[:, t:t + 1]
+            expected = exact(x, cache=truth).logits
+            ref_error.append((low(x, cache=ref).logits.float() - expected).abs().mean().item())
+            got = low(x, cache=cache, position_ids=cache.position_ids(1)).logits.float()
+            our_error.append((got - expected).abs().mean().item())
+    assert cache.kv.layers[0].keys.dtype == dtype
+    mean_ref, mean_ours = sum(ref_error) / len(ref_error), sum(our_error) / len(our_error)
+    assert mean_ours <= 1.25 * mean_ref, f"mean |error| {mean_ours:.2e}, the reference's {mean_ref:.2e}"
+    late = slice(len(our_error) // 2, None)  # and no drift: the second half is no worse than the reference's
+    assert max(our_error[late]) <= 1.5 * max(ref_error[late])
