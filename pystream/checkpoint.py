@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .hf import DynamicCache, StreamingCache
+from .results import write_atomic
 
 
 def save(path: Path, cache) -> None:
@@ -34,10 +34,7 @@ def save(path: Path, cache) -> None:
     else:
         raise TypeError(f"cannot checkpoint a {type(cache).__name__}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"pystream": json.dumps(meta)})
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"pystream": json.dumps(meta)}))
 
 
 def load(path: Path, cache, device) -> None:

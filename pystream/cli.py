@@ -227,7 +227,7 @@ def git_commit() -> str | None:
         return None
 
 
-def run_metadata(args, values, loaded, text, n_tokens) -> dict:
+def run_metadata(args, values, loaded, text, n_tokens, argv=None) -> dict:
     import numpy
     import torch
     import transformers
@@ -243,7 +243,7 @@ def run_metadata(args, values, loaded, text, n_tokens) -> dict:
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": shlex.join(["pystream-bench", *sys.argv[1:]]),
+        "command": shlex.join(["pystream-bench", *(sys.argv[1:] if argv is None else [str(a) for a in argv])]),
         "config": {
             "lengths": values["lengths"], "methods": values["methods"], "cache_sizes": values["cache_sizes"],
             "sinks": args.sinks, "mode": args.mode, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
@@ -308,7 +308,7 @@ def resume_command(argv, out: Path) -> str:
     return shlex.join(["pystream-bench", *words])
 
 
-def _run_experiment(args, values, loaded, ids, writer, meta, console, out_console, argv) -> int:
+def _run_experiment(args, values, loaded, ids, writer, console, out_console, argv) -> int:
     from rich.table import Table
 
     from .experiments import PaperConfig, PaperExperiment, paper_table
@@ -334,11 +334,22 @@ def _run_experiment(args, values, loaded, ids, writer, meta, console, out_consol
     out_console.print(table)
     console.print(f"experiment finished in {(time.perf_counter() - started) / 60:.1f} min")
     if not args.no_report:
-        from .report import write_report
-
-        console.print(f"report: {write_report([values['out']], values['out'] / 'report.html')}")
+        write_final_report(values["out"], console)
     console.print(f"results: {values['out'] / 'results.jsonl'}")
     return 0
+
+
+def write_final_report(out: Path, console) -> None:
+    """report.html beside the results. The results are already safe on disk: a report that cannot be written is a
+    warning (rebuild it with pystream-report), not a failed run."""
+    from .report import write_report
+    from .results import ResultsError
+
+    try:
+        console.print(f"report: {write_report([out], out / 'report.html')}")
+    except (ResultsError, OSError) as err:
+        console.print(f"[yellow]warning: report.html not written ({err}); the results are complete: "
+                      f"pystream-report {out}[/yellow]")
 
 
 def main(argv=None) -> int:
@@ -347,6 +358,9 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"pystream-bench: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while loading or tokenizing: nothing was written yet (cells handle their own)
+        print("pystream-bench: interrupted", file=sys.stderr)
+        return 130
 
 
 def _main(argv) -> int:
@@ -384,7 +398,7 @@ def _main(argv) -> int:
     from .hf import UnsupportedModelError, check_supported
 
     streaming = [m for m in values["methods"] if m in ("sink", "window")]
-    if streaming:
+    if streaming or args.experiment:  # the experiment always streams through sink and window caches
         try:
             check_supported(loaded.model.config)
         except UnsupportedModelError as err:
@@ -402,14 +416,14 @@ def _main(argv) -> int:
     elif args.ppl_tokens > len(ids):
         raise UsageError(f"--ppl-tokens {args.ppl_tokens} is more than the text's {len(ids)} tokens")
 
-    meta = run_metadata(args, values, loaded, text, len(ids))
+    meta = run_metadata(args, values, loaded, text, len(ids), argv)
     try:
         writer = RunWriter(values["out"], meta, resume=args.resume)
     except ResultsError as err:
         raise UsageError(str(err)) from None
 
     if args.experiment:
-        return _run_experiment(args, values, loaded, ids, writer, meta, console, out_console, argv)
+        return _run_experiment(args, values, loaded, ids, writer, console, out_console, argv)
 
     cfg = BenchConfig(lengths=values["lengths"], methods=values["methods"], cache_sizes=values["cache_sizes"],
                       sinks=args.sinks, mode=args.mode, batch=args.batch, steps=args.steps, warmup=args.warmup,
@@ -418,7 +432,7 @@ def _main(argv) -> int:
                       device=values["device"], dtype=args.dtype, profile=args.profile,
                       profile_steps=args.profile_steps)
     progress = make_progress(console)
-    bench = Bench(cfg, loaded.model, ids, progress, console, run_dir=values["out"])
+    bench = Bench(cfg, loaded.model, ids, progress, run_dir=values["out"])
     cells = bench.cells()
     quality = bench.quality_plan()
     skipped = 0
@@ -445,13 +459,7 @@ def _main(argv) -> int:
 
     print_summary(writer.records, out_console)
     if not args.no_report:
-        try:
-            from .report import write_report
-
-            path = write_report([values["out"]], values["out"] / "report.html")
-            console.print(f"report: {path}")
-        except ImportError:
-            pass
+        write_final_report(values["out"], console)
     console.print(f"results: {values['out'] / 'results.jsonl'}")
     return 0
 

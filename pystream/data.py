@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .models import cache_dir, package_dir
+from .results import write_atomic
 
 BUNDLED_TEXT = "kjv"
 
@@ -87,9 +86,8 @@ def tokenize(text: Text, tokenizer, *, use_cache: bool = True) -> np.ndarray:
     if ids.size == 0:
         raise TextError(f"{text.name}: tokenizes to no tokens")
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tokens-", suffix=".npy", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, ids, allow_pickle=False)
-        os.replace(tmp, path)
+        try:
+            write_atomic(path, lambda handle: np.save(handle, ids, allow_pickle=False))
+        except OSError:
+            pass  # the cache only saves time: a cache directory we cannot write must not stop the run
     return ids

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .hf import SinkCache, StreamBatch, WindowCache
-from .quality import nll_dense, nll_recompute, perplexity, sampled_perplexity
+from .quality import nll_dense, nll_recompute, perplexity, sampled_perplexity, stream_batch_nll_step
 from .results import record
 
 PARTS = ("ppl", "sinks", "cache", "attention", "stability")
@@ -120,11 +120,7 @@ class PaperExperiment:
         try:
             with torch.inference_mode():
                 for t in range(start, tokens - 1):
-                    x = x_all[t:t + 1].expand(rows, 1)
-                    logits = self.model(x, cache=batch, position_ids=batch.position_ids(),
-                                        attention_mask=batch.attention_mask(), use_cache=True).logits[:, -1]
-                    target = x_all[t + 1].expand(rows)
-                    nll[:, t] = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none").cpu()
+                    nll[:, t] = stream_batch_nll_step(self.model, batch, x_all[t], x_all[t + 1])
                     self.progress.advance(task)
                     if folder is not None and time.monotonic() - last_save > self.cfg.checkpoint_every_s:
                         folder.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ How positions work (see core/include/pystream/sink_ring.hpp for the full story):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -49,11 +50,18 @@ class RotarySpec:
         angles = torch.remainder(angles, 2 * math.pi)
         return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
 
+    def full_cos_sin(self, shifts: torch.Tensor, dtype: torch.dtype, device: torch.device):
+        """The full-width tables `rotate_into` / `rotate_inplace` take: `cat(cos, cos)` and `cat(-sin, sin)`,
+        `[*shifts.shape, rotary_dim]`."""
+        cos, sin = self.cos_sin(shifts, dtype, device)
+        return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+
 
 # Buffers that outlive one forward are made outside inference mode: tensors made inside it could never again be
 # written outside it (a user may switch between inference_mode and no_grad), while normal tensors can be written in
 # both.
 _persistent = torch.inference_mode(False)
+_NO_RANGE = contextlib.nullcontext()
 
 
 def rotate_into(out: torch.Tensor, src: torch.Tensor, src_swapped: torch.Tensor, cos: torch.Tensor,
@@ -96,6 +104,7 @@ class RotationAngles:
         self.shift = torch.zeros(batch, 1, dtype=torch.float64)
         self.shift_np = self.shift.numpy()[:, 0]
         self.angle = torch.empty(batch, half, dtype=torch.float64)
+        # cos/sin in float64 land here first: an out= of another dtype would make a temporary every call.
         self.cos64, self.sin64 = torch.empty_like(self.angle), torch.empty_like(self.angle)
         self.cos = torch.empty(batch, 1, 1, 2 * half, dtype=dtype, device=device)
         self.sin = torch.empty_like(self.cos)
@@ -104,9 +113,8 @@ class RotationAngles:
         on_host = torch.device(device).type == "cpu"
         self.cos_host = self.cos.view(batch, 2 * half) if on_host else torch.empty(batch, 2 * half, dtype=dtype)
         self.sin_host = self.sin.view(batch, 2 * half) if on_host else torch.empty(batch, 2 * half, dtype=dtype)
-        table_cos, table_sin = rotary.cos_sin(torch.arange(table_size), dtype, device)
-        self.table_cos = torch.cat((table_cos, table_cos), -1)[:, None, None, :]
-        self.table_sin = torch.cat((-table_sin, table_sin), -1)[:, None, None, :]
+        table_cos, table_sin = rotary.full_cos_sin(torch.arange(table_size), dtype, device)
+        self.table_cos, self.table_sin = table_cos[:, None, None, :], table_sin[:, None, None, :]
         self.table_size = table_size
         self.half = half
 
@@ -117,9 +125,9 @@ class RotationAngles:
         self.shift_np[:] = shifts
         torch.mul(self.shift, self.inv_freq, out=self.angle)
         torch.remainder(self.angle, 2 * math.pi, out=self.angle)
+        half = self.half
         torch.cos(self.angle, out=self.cos64)
         torch.sin(self.angle, out=self.sin64)
-        half = self.half
         self.cos_host[:, :half].copy_(self.cos64)
         self.cos_host[:, half:].copy_(self.cos64)
         self.sin_host[:, half:].copy_(self.sin64)
@@ -181,10 +189,10 @@ class _Step:
     """What the ring decided for the tokens of the current forward; shared by every layer."""
 
     __slots__ = ("n", "first_token", "slot", "slots", "occupied", "sink_shift", "sink_cos", "sink_sin",
-                 "rebase", "rebase_cos", "rebase_sin", "sink_writes", "layers_done", "order")
+                 "rebase", "rebase_cos", "rebase_sin", "sink_writes", "layers_done", "order", "valid_index")
 
     def __init__(self):
-        self.sink_cos = self.sink_sin = self.rebase_cos = self.rebase_sin = None
+        self.sink_cos = self.sink_sin = self.rebase_cos = self.rebase_sin = self.valid_index = None
 
 
 class StreamingKV:
@@ -385,8 +393,7 @@ class StreamingKV:
             keys = layer.keys.index_select(2, index_old)
             values = layer.values.index_select(2, index_old)
             if shift:
-                cos, sin = self.rotary.cos_sin(torch.tensor([shift]), layer.dtype, layer.device)
-                full_cos, full_sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+                full_cos, full_sin = self.rotary.full_cos_sin(torch.tensor([shift]), layer.dtype, layer.device)
                 rotate_inplace(keys[..., :rot], full_cos, full_sin, torch.empty_like(keys[..., : rot // 2]))
             layer.keys.index_copy_(2, index_new, keys)
             layer.values.index_copy_(2, index_new, values)
@@ -438,16 +445,16 @@ class StreamingKV:
             layer.values.copy_(values)
             if sink_store is not None:
                 layer.sink_store.copy_(sink_store)
-                self._refresh_swapped(layer)
+                self._fill_swapped(layer.sink_swapped, layer.sink_store)
             layer.sink_shift = None if sink_shift is None else list(sink_shift)
         self._valid = None if snapshot.get("valid") is None else snapshot["valid"].clone()
         self._planned = self._step = None
 
-    def _refresh_swapped(self, layer: KVLayer) -> None:
-        rot = self.rotary.rotary_dim
-        half = rot // 2
-        layer.sink_swapped[..., :half].copy_(layer.sink_store[..., half:rot])
-        layer.sink_swapped[..., half:].copy_(layer.sink_store[..., :half])
+    def _fill_swapped(self, swapped: torch.Tensor, store: torch.Tensor) -> None:
+        """swapped = cat(x2, x1) of the rotated part of `store` (see `rotate_into`)."""
+        half = self.rotary.rotary_dim // 2
+        swapped[..., :half].copy_(store[..., half:2 * half])
+        swapped[..., half:].copy_(store[..., :half])
 
     # ---- positions -------------------------------------------------------------------------------------------------
     def position_ids(self, num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -570,8 +577,6 @@ class StreamingKV:
             if len({ring.seen(b) for b in range(ring.num_streams)}) > 1:
                 raise ValueError("a multi-token forward needs every stream at the same length; feed ragged streams "
                                  "one token at a time")
-        if self._valid is not None and bool(self._valid.all()):
-            self._valid = None  # the window has been refilled since the fast-forward
         if self._valid is not None and (n > 1 or len({ring.seen(b) for b in range(ring.num_streams)}) > 1):
             raise ValueError("after fast_forward, feed every stream the same tokens one at a time until the window "
                              "is refilled")
@@ -609,14 +614,23 @@ class StreamingKV:
         step.sink_shift = sink_shift
         step.rebase = pending if any(pending) else None
         step.order = self._order_index(step) if self.logical_order and step.occupied == self.capacity else None
+        if self._valid is not None:  # refilling the window after a fast-forward: this step's slot joins the valid
+            self._valid[step.slot] = True
+            if bool(self._valid.all()):
+                self._valid = None
+            else:
+                step.valid_index = self._valid.nonzero().squeeze(1)
         self._step = step
 
     def update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
                position_ids: torch.Tensor | None = None):
-        if self.profile:  # named ranges for torch.profiler; off by default (they cost a few us each)
-            with record_function("pystream::cache_update"):
-                return self._update(layer_idx, key_states, value_states, position_ids)
-        return self._update(layer_idx, key_states, value_states, position_ids)
+        with self._range("pystream::cache_update"):
+            return self._update(layer_idx, key_states, value_states, position_ids)
+
+    def _range(self, name: str):
+        """A named torch.profiler range when profiling (see pystream-bench --profile), else a no-op: ranges cost a
+        few us each."""
+        return record_function(name) if self.profile else _NO_RANGE
 
     def _order_index(self, step) -> torch.Tensor:
         """Slots in logical order (sinks, then the window oldest to newest) for a full cache, in a reused tensor."""
@@ -647,10 +661,7 @@ class StreamingKV:
         cache is full, when slot order is arrival order.
         """
         if layer_idx == 0:
-            if self.profile:
-                with record_function("pystream::bookkeeping"):
-                    self.begin_step(key_states, position_ids)
-            else:
+            with self._range("pystream::bookkeeping"):
                 self.begin_step(key_states, position_ids)
         step = self._step
         if step is None or step.layers_done != layer_idx:
@@ -672,13 +683,12 @@ class StreamingKV:
         n = step.n
 
         if step.rebase is not None:
-            with record_function("pystream::rerotate"):
+            with self._range("pystream::rerotate"):
                 self._rebase_window(layer, step)
 
         if n == 1 and step.slot >= 0:
-            s = step.slot
-            layer.keys.select(2, s).copy_(key_states.select(2, 0))
-            layer.values.select(2, s).copy_(value_states.select(2, 0))
+            layer.keys.narrow(2, step.slot, 1).copy_(key_states)
+            layer.values.narrow(2, step.slot, 1).copy_(value_states)
         elif n == 1:
             for b, s in enumerate(step.slots):
                 layer.keys[b, :, s].copy_(key_states[b, :, 0])
@@ -691,15 +701,16 @@ class StreamingKV:
         if step.sink_writes and layer.sink_store is not None:
             self._store_sinks(layer, step, key_states)
         if S and self.rotary is not None:
-            if self.profile:
-                with record_function("pystream::rerotate"):
-                    self._place_sinks(layer, step)
-            else:
+            with self._range("pystream::rerotate"):
                 self._place_sinks(layer, step)
 
         step.layers_done += 1
-        if self._valid is not None:
-            return self._attend_valid(layer, step)
+        if step.valid_index is not None:
+            # After a fast-forward, until the window is refilled: the sinks and the slots rewritten since.
+            if step.valid_index.device != layer.device:
+                step.valid_index = step.valid_index.to(layer.device)
+            index = step.valid_index
+            return layer.keys.index_select(2, index), layer.values.index_select(2, index)
         occ = step.occupied
         if step.order is not None:
             keys, values = layer.ordered
@@ -709,16 +720,6 @@ class StreamingKV:
         if occ == self.capacity:  # the steady state: the whole buffer, no view to make
             return layer.keys, layer.values
         return layer.keys[:, :, :occ], layer.values[:, :, :occ]
-
-    def _attend_valid(self, layer: KVLayer, step: _Step):
-        """After a fast-forward: attend to the sinks and the window slots rewritten since (a gathered copy; this
-        only lasts until the window is refilled)."""
-        if layer.layer_idx == 0:
-            self._valid[step.slot] = True
-        if bool(self._valid.all()):
-            return layer.keys, layer.values
-        index = self._valid.nonzero().squeeze(1).to(layer.device)
-        return layer.keys.index_select(2, index), layer.values.index_select(2, index)
 
     # ---- rotations -------------------------------------------------------------------------------------------------
     def _angles(self, layer: KVLayer, purpose: str) -> RotationAngles:
@@ -733,7 +734,7 @@ class StreamingKV:
     def _rebase_window(self, layer: KVLayer, step: _Step) -> None:
         """The frame moved by `step.rebase[b]` for stream b: rotate stored window keys back by that much."""
         rot = self.rotary.rotary_dim
-        if step.rebase_cos is None:
+        if step.rebase_cos is None or step.rebase_cos.device != layer.device:
             step.rebase_cos, step.rebase_sin = self._angles(layer, "rebase")([-d for d in step.rebase])
         S = self.num_sinks
         window_keys = layer.keys[:, :, S:, :rot]
@@ -743,18 +744,14 @@ class StreamingKV:
         """Keep a pristine copy of new sink keys, rotated to their in-cache positions (the model rotated token t at
         t - frame_base), and its half-swapped twin."""
         rot = self.rotary.rotary_dim
-        half = rot // 2
         for b, token, frame_base in step.sink_writes:
             src = key_states[b, :, token - step.first_token] if step.n > 1 else key_states[b, :, 0]
             dst = layer.sink_store[b, :, token]
             dst.copy_(src)
             if frame_base != 0:  # rare: only when a caller's positions put the first tokens off frame 0
-                cos, sin = self.rotary.cos_sin(torch.tensor([frame_base]), layer.dtype, layer.device)
-                full_cos, full_sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+                full_cos, full_sin = self.rotary.full_cos_sin(torch.tensor([frame_base]), layer.dtype, layer.device)
                 rotate_inplace(dst[None, :, :rot], full_cos, full_sin, layer.scratch[b, :, :1, :].transpose(0, 1))
-            swapped = layer.sink_swapped[b, :, token]
-            swapped[:, :half].copy_(dst[:, half:rot])
-            swapped[:, half:].copy_(dst[:, :half])
+            self._fill_swapped(layer.sink_swapped[b, :, token], dst)
             # The buffer's sink slot now holds the key in the current frame, not rotated by the layer's sink shift.
             layer.sink_shift = None
 
@@ -765,7 +762,7 @@ class StreamingKV:
         occupied_sinks = min(self.num_sinks, step.occupied)
         if occupied_sinks == 0:
             return
-        if step.sink_cos is None:
+        if step.sink_cos is None or step.sink_cos.device != layer.device:
             step.sink_cos, step.sink_sin = self._angles(layer, "sink")(step.sink_shift)
         if occupied_sinks == self.num_sinks:
             out, src, swapped, out_pass, src_pass = layer.sink_views

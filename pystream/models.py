@@ -142,9 +142,10 @@ def convert_gguf(gguf: Path, *, progress=None) -> tuple[Path, bool]:
         del config.quantization_config
     plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    staging = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "pystream-source.json").write_text(
@@ -153,10 +154,14 @@ def convert_gguf(gguf: Path, *, progress=None) -> tuple[Path, bool]:
         try:
             os.replace(staging, target)  # atomic: a half-written folder is never found
         except OSError:
-            if not (target / "pystream-source.json").exists():
+            if not (target / "pystream-source.json").exists():  # else another process converted it first
                 raise
+    except OSError as err:
+        raise ModelLoadError(f"cannot write the converted model to {target.parent} ({err.strerror or err}): set "
+                             "PYSTREAM_CACHE to a writable directory") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return target, False
 
 

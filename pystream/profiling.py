@@ -16,7 +16,6 @@ from .hf import DynamicCache
 STEP, FORWARD, LOGITS = "pystream::step", "pystream::forward", "pystream::logits"
 CACHE_UPDATE, BOOKKEEPING, REROTATE = "pystream::cache_update", "pystream::bookkeeping", "pystream::rerotate"
 # The breakdown's parts, in the order the report stacks them; together they make up the step.
-PARTS = ("model_ms", "cache_update_ms", "bookkeeping_ms", "rerotate_ms", "logits_ms", "other_ms")
 
 
 class ProfiledDynamicCache(DynamicCache):
@@ -77,20 +76,9 @@ def profile_steps(step, steps: int, device, trace_path: Path | None) -> dict:
 
 
 def _export_gzipped(prof, trace_path: Path) -> str:
-    """The Chrome trace, gzipped (Perfetto and chrome://tracing open .json.gz; a few steps are ~10 MB raw)."""
-    import gzip
-    import os
-    import shutil
-    import tempfile
-
+    """The Chrome trace, gzipped (Perfetto and chrome://tracing open .json.gz; a few steps are ~10 MB raw): torch
+    gzips a path ending in .gz itself."""
     trace_path.parent.mkdir(parents=True, exist_ok=True)
     target = trace_path.with_name(trace_path.name + ".gz")
-    fd, raw = tempfile.mkstemp(suffix=".json", dir=trace_path.parent)
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(raw)
-        with open(raw, "rb") as src, gzip.open(target, "wb", compresslevel=6) as dst:
-            shutil.copyfileobj(src, dst)
-    finally:
-        os.unlink(raw)
+    prof.export_chrome_trace(str(target))
     return target.name

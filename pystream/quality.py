@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .baselines import recompute_logits
-from .hf import DynamicCache, StreamingCache
+from .hf import DynamicCache, StreamBatch, StreamingCache
 from .streaming import prefill
 
 
@@ -73,6 +73,15 @@ def nll_recompute(model, ids: torch.Tensor, window: int, positions=None, *,
         if on_step is not None:
             on_step(i)
     return out
+
+
+def stream_batch_nll_step(model, batch: StreamBatch, token: torch.Tensor, next_token: torch.Tensor) -> np.ndarray:
+    """One token of a text through every row of `batch` (each row a different cache over the same text): the NLL
+    of `next_token` per row, `[rows]`. Call under torch.inference_mode."""
+    rows = len(batch.caches)
+    logits = model(token.view(1, 1).expand(rows, 1), cache=batch, position_ids=batch.position_ids(),
+                   attention_mask=batch.attention_mask(), use_cache=True).logits[:, -1]
+    return _token_nll(logits, next_token.view(1).expand(rows)).cpu().numpy()
 
 
 def perplexity(nll: np.ndarray) -> float:

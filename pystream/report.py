@@ -14,15 +14,13 @@ import argparse
 import html
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .results import ResultsError, Run, cache_label, load_run
+from .results import ResultsError, Run, cache_label, load_run, peak_bytes, write_atomic
 
 MIB = 1024**2
 # One colour per method across every figure.
@@ -172,7 +170,7 @@ def fig_throughput_vs_length(runs):
 
 def fig_memory_vs_length(runs):
     def peak(c):
-        value = c.get("cuda_max_allocated_bytes") or c.get("peak_rss_bytes")
+        value = peak_bytes(c)
         return value / MIB if value else None
 
     return _by_length_figure(runs, peak, "Peak memory against stream length (process RSS on CPU, torch max "
@@ -439,7 +437,6 @@ FIGURES = [
     ("stability", fig_stability),
     ("attention", fig_attention_share),
 ]
-EXTRA_FIGURES: list = []  # later sections register (name, function) here: ablations, attention maps, profiles
 
 
 # ---- tables -----------------------------------------------------------------------------------------------------------
@@ -467,7 +464,7 @@ def cells_table(runs) -> str:
                 speed = ", ".join(f"{v:.1f} @ {k}" for k, v in speed.items())
             elif speed is not None:
                 speed = f"{speed:.1f}"
-            peak = c.get("cuda_max_allocated_bytes") or c.get("peak_rss_bytes")
+            peak = peak_bytes(c)
             rows.append(
                 f"<tr><td>{esc(label)}</td><td>{esc(c['method'])}</td><td>{esc(cache_label(c))}</td>"
                 f"<td>{c['length']:,}</td><td>{esc(c.get('mode'))}</td><td>{_num(lat['p50'])}</td>"
@@ -583,7 +580,7 @@ def build_report(runs: list[tuple[str, Run]]) -> str:
     from plotly.offline import get_plotlyjs
 
     figures = []
-    for name, make in FIGURES + EXTRA_FIGURES:
+    for name, make in FIGURES:
         fig = make(runs)
         if fig is not None:
             fig.update_layout(template="plotly_white", legend=dict(orientation="v"))
@@ -634,12 +631,7 @@ def write_report(run_dirs: list, out: Path) -> Path:
     runs = [(label, load_run(path)) for label, path in zip(_labels(paths), paths)]
     text = build_report(runs)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=out.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
+    write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return out
 
 

@@ -18,18 +18,20 @@ the record being measured. A torn last line (killed mid-write) is ignored on rea
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
 import os
 from dataclasses import dataclass
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 SCHEMA = "pystream.results"
 SCHEMA_VERSION = 1
 RESULTS = "results.jsonl"
 META = "run.json"
-REPORT = "report.html"
 LOCK = ".lock"
 
 
@@ -228,7 +230,27 @@ class RunWriter:
             self._lock_file = None
 
 
+def write_atomic(path, write: Callable[[Path], object]) -> None:
+    """Write `path` all at once: `write(tmp)` fills a temporary file beside it (same suffix), which then replaces
+    `path`, so that a reader or a crash never sees half a file; the temporary is removed if writing fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def peak_bytes(rec: dict) -> int | None:
+    """A cell's peak memory: torch's max allocated on a GPU, the process's peak RSS on the CPU."""
+    return rec.get("cuda_max_allocated_bytes") or rec.get("peak_rss_bytes")

@@ -12,7 +12,7 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,8 @@ import torch
 from . import measure
 from .baselines import recompute_logits
 from .hf import DynamicCache, SinkCache, StreamBatch, WindowCache, decode_attention_mask, rope_scaled
-from .quality import nll_dense, nll_recompute, nll_streaming, perplexity, sampled_perplexity
+from .quality import (nll_dense, nll_recompute, nll_streaming, perplexity, sampled_perplexity,
+                      stream_batch_nll_step)
 from .results import record
 from .streaming import prefill
 
@@ -62,7 +63,6 @@ class BenchConfig:
     checkpoint_every_s: float = 60.0  # --mode stream: save the cache this often, for --resume
     profile: bool = False  # --profile: a profiled pass after the timed steps, with a trace and a breakdown
     profile_steps: int = 8
-    extra: dict = field(default_factory=dict)
 
     @property
     def quality_cache(self) -> int:
@@ -92,16 +92,15 @@ class TokenSource:
 
 
 class Bench:
-    def __init__(self, cfg: BenchConfig, model, ids: np.ndarray, progress, console=None,
-                 run_dir: Path | None = None):
+    def __init__(self, cfg: BenchConfig, model, ids: np.ndarray, progress, run_dir: Path | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.model = model
         self.device = torch.device(cfg.device)
         self.tokens = TokenSource(ids, cfg.batch, self.device)
         self.progress = progress
-        self.console = console
         self.config = model.config
+        self._streamed: dict = {}  # quality NLL of a method streamed alongside another (see _streaming_nll)
         self.dtype = next(model.parameters()).dtype
         self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self._profiling = False
@@ -376,9 +375,8 @@ class Bench:
         """Token by token. When both sink and window are asked for, they stream together as one batch of two (one
         forward per token for both); the second one's result is kept for its turn."""
         key = (method, cache_size, x.shape[0])
-        done = getattr(self, "_streamed", {})
-        if key in done:
-            return done.pop(key)
+        if key in self._streamed:
+            return self._streamed.pop(key)
         make = {"sink": lambda: SinkCache(self.cfg.sinks, cache_size - self.cfg.sinks, self.config,
                                           device=self.device),
                 "window": lambda: WindowCache(cache_size, self.config, device=self.device)}
@@ -390,11 +388,7 @@ class Bench:
         out = np.full((len(methods), n - 1), np.nan)
         with torch.inference_mode():
             for t in range(n - 1):
-                logits = self.model(x[t:t + 1].expand(len(methods), 1), cache=batch,
-                                    position_ids=batch.position_ids(), attention_mask=batch.attention_mask(),
-                                    use_cache=True).logits[:, -1]
-                out[:, t] = torch.nn.functional.cross_entropy(logits.float(), x[t + 1].expand(len(methods)),
-                                                              reduction="none").cpu().numpy()
+                out[:, t] = stream_batch_nll_step(self.model, batch, x[t], x[t + 1])
                 tick(t)
         self._streamed = {(m, cache_size, n): out[i] for i, m in enumerate(methods) if m != method}
         return out[methods.index(method)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .results import cache_label
+from .results import cache_label, peak_bytes
 
 MIB = 1024**2
 
@@ -35,7 +35,7 @@ def cells_table(records: list[dict]) -> Table:
             speedup = ", ".join(f"{v:.1f}@{k}" for k, v in sorted(speedup.items(), key=lambda kv: int(kv[0])))
         elif speedup is not None:
             speedup = f"{speedup:.1f}"
-        peak = rec.get("cuda_max_allocated_bytes") or rec.get("peak_rss_bytes")
+        peak = peak_bytes(rec)
         table.add_row(rec["method"], cache, f"{rec['length']:,}", rec.get("mode", ""), _fmt(lat["p50"]),
                       _fmt(lat["p90"]), _fmt(lat["p99"]), _fmt(rec.get("tokens_per_s")),
                       _fmt(peak / MIB if peak else None, "{:,.0f}"), _fmt(rec.get("kv_bytes", 0) / MIB),

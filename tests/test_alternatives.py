@@ -57,7 +57,7 @@ def test_scaling_refuses_what_it_cannot_do():
 
 
 def test_scaled_dense_methods_in_the_cli(tmp_path, capsys):
-    from test_cli import save_tiny_model
+    from conftest import save_tiny_model
 
     folder = save_tiny_model(tmp_path / "m")
     text = tmp_path / "t.txt"

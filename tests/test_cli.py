@@ -10,43 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import TEXT, char_tokenizer, save_tiny_model, tiny_model
 from pystream.cli import main
-
-TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
-        "darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. ") * 4
-
-
-def char_tokenizer():
-    """A character-level tokenizer built offline (ids 0..127 = ASCII), for the tiny models."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(i): i for i in range(32, 127)}
-    vocab["[UNK]"] = 0
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-
-
-def save_tiny_model(folder, arch="llama"):
-    """A tiny random model and the character tokenizer, saved as a transformers folder."""
-    tiny_model(arch).save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "genesis.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
-
 
 def run_cli(args, capsys):
     code = main([str(a) for a in args])
@@ -71,6 +36,7 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys)
     assert meta["schema_version"] == 1 and meta["config"]["lengths"] == [100, 1024]
     assert meta["model"]["kind"] == "folder" and meta["model"]["layers"] == 2
     assert meta["versions"]["torch"] == torch.__version__ and meta["device"]["threads"] == 1
+    assert meta["command"].startswith("pystream-bench --model ") and "--lengths 100,1k" in meta["command"]
     records = read_records(out)
     cells = [r for r in records if r["record"] == "cell"]
     # recompute, sink, window at 2 cache sizes, and dense, at 2 lengths
@@ -91,8 +57,12 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys)
     # re-base scratch
     assert sink["kv_bytes"] == 2 * (2 * 2 * 32 * 16 * 4 + 2 * 2 * 4 * 16 * 4 + 2 * 28 * 8 * 4)
     assert by[("dense", None, 1024)]["kv_bytes"] == 2 * 2 * 2 * 1024 * 16 * 4
-    assert by[("recompute", 16, 100)]["speedup_vs_recompute"] == 1.0
-    assert by[("sink", 16, 100)]["speedup_vs_recompute"] > 0
+    recompute_p50 = by[("recompute", 16, 100)]["latency_ms"]["p50"]
+    sink16 = by[("sink", 16, 100)]
+    assert sink16["speedup_vs_recompute"] == pytest.approx(recompute_p50 / sink16["latency_ms"]["p50"])
+    assert by[("dense", None, 100)]["speedup_vs_recompute"] == pytest.approx(
+        {str(cs): by[("recompute", cs, 100)]["latency_ms"]["p50"] / by[("dense", None, 100)]["latency_ms"]["p50"]
+         for cs in (16, 32)})
     quality = {r["method"]: r for r in records if r["record"] == "quality"}
     assert set(quality) == {"sink", "window", "recompute", "dense"}
     assert len(quality["sink"]["nll"]) == 119 and quality["sink"]["ppl"] > 1

@@ -11,7 +11,8 @@ from conftest import tiny_model
 from pystream import SinkCache, WindowCache
 from pystream.experiments import PaperConfig, PaperExperiment, paper_table
 from pystream.hf import StreamBatch
-from test_cli import run_cli, save_tiny_model
+from conftest import save_tiny_model
+from test_cli import run_cli
 
 
 def stream_single(model, cache, ids):
@@ -113,7 +114,10 @@ def test_paper_experiment_through_the_cli(tmp_path, capsys):
     assert len(attention["share_first_token"]) == 2 and len(attention["share_first_token"][0]) == 4
     assert all(0 <= v <= 1 for row in attention["share_first_token"] for v in row)
     table = paper_table(records)
-    assert [r["finding"][0] for r in table].count("2") == 5 and any(r["paper"] == 3359.95 for r in table)
+    sink_rows = {r["setting"]: r for r in table if r["finding"].startswith("2")}
+    assert list(sink_rows) == ["0+48", "1+47", "2+46", "4+44", "8+40"]  # ours, by sinks, each beside the paper's
+    window_ppl = next(r["ppl"] for r in streams if r["sinks"] == 0)
+    assert sink_rows["0+48"]["ours"] == window_ppl and sink_rows["0+48"]["paper"] == 3359.95
     assert "beside the paper's" in stdout
     html = (out / "report.html").read_text()
     for fig in ("fig-sinks", "fig-cache-sizes", "fig-stability", "fig-attention", "fig-ppl-position"):

@@ -7,30 +7,20 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from pystream.results import read_results
-from test_cli import run_cli, save_tiny_model
+from test_cli import run_cli
 
 SLOW_ARGS = ["--methods", "sink,window", "--lengths", "100,200,300", "--cache-sizes", "32", "--steps", "1500",
              "--warmup", "1", "--ppl-tokens", "0", "--no-report"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "t.txt"
-    path.write_text("In the beginning God created the heaven and the earth. " * 40)
-    return path
+def bench_command(model_dir, text, out, *extra):
+    return [sys.executable, "-m", "pystream.cli", "--model", str(model_dir), "--text", str(text), "--out", str(out),
+            *SLOW_ARGS, *extra]
 
 
 def start(model_dir, text, out, *extra):
-    cmd = [sys.executable, "-m", "pystream.cli", "--model", str(model_dir), "--text", str(text), "--out", str(out),
-           *SLOW_ARGS, *extra]
+    cmd = bench_command(model_dir, text, out, *extra)
     # A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it: give the run the
     # default disposition, as a terminal would, whatever started this test.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -54,9 +44,9 @@ def keys(records):
     return [(r["method"], r["cache_size"], r["length"], r["mode"]) for r in records]
 
 
-def test_sigkill_mid_cell_then_resume(model_dir, text, tmp_path):
+def test_sigkill_mid_cell_then_resume(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "run"
-    proc = start(model_dir, text, out)
+    proc = start(tiny_model_dir, text_file, out)
     wait_for_records(out, 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -65,17 +55,17 @@ def test_sigkill_mid_cell_then_resume(model_dir, text, tmp_path):
     finished = (out / "results.jsonl").read_bytes()
     for rec in records:
         assert rec["status"] == "ok" and rec["timed_steps"] == 1500  # every finished cell is whole
-    code = subprocess.run([sys.executable, "-m", "pystream.cli", "--model", str(model_dir), "--text", str(text),
-                           "--out", str(out), *SLOW_ARGS, "--resume"], capture_output=True, text=True).returncode
+    code = subprocess.run(bench_command(tiny_model_dir, text_file, out, "--resume"), capture_output=True,
+                          text=True).returncode
     assert code == 0
     after, _ = read_results(out / "results.jsonl")
     assert len(after) == 6 and len(set(keys(after))) == 6  # completed, nothing repeated
     assert (out / "results.jsonl").read_bytes().startswith(finished)  # finished cells untouched
 
 
-def test_ctrl_c_ends_cleanly_with_a_resume_hint(model_dir, text, tmp_path):
+def test_ctrl_c_ends_cleanly_with_a_resume_hint(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "run"
-    proc = start(model_dir, text, out)
+    proc = start(tiny_model_dir, text_file, out)
     wait_for_records(out, 1, proc)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
@@ -86,18 +76,16 @@ def test_ctrl_c_ends_cleanly_with_a_resume_hint(model_dir, text, tmp_path):
     assert records and all(r["status"] == "ok" for r in records)
 
 
-def test_a_second_run_on_the_same_directory_refuses(model_dir, text, tmp_path):
+def test_a_second_run_on_the_same_directory_refuses(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "run"
-    proc = start(model_dir, text, out)
+    proc = start(tiny_model_dir, text_file, out)
     try:
         wait_for_records(out, 1, proc)
-        second = subprocess.run([sys.executable, "-m", "pystream.cli", "--model", str(model_dir), "--text",
-                                 str(text), "--out", str(out), *SLOW_ARGS, "--resume"], capture_output=True,
+        second = subprocess.run(bench_command(tiny_model_dir, text_file, out, "--resume"), capture_output=True,
                                 text=True, timeout=120)
         assert second.returncode == 2
         assert "another pystream-bench run is writing here" in second.stderr
-        third = subprocess.run([sys.executable, "-m", "pystream.cli", "--model", str(model_dir), "--text",
-                                str(text), "--out", str(out), *SLOW_ARGS], capture_output=True, text=True,
+        third = subprocess.run(bench_command(tiny_model_dir, text_file, out), capture_output=True, text=True,
                                timeout=120)
         assert third.returncode == 2 and "already holds files" in third.stderr
     finally:
@@ -105,9 +93,9 @@ def test_a_second_run_on_the_same_directory_refuses(model_dir, text, tmp_path):
         proc.wait()
 
 
-def test_damaged_results_file(model_dir, text, tmp_path, capsys):
+def test_damaged_results_file(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    fast = ["--model", model_dir, "--text", text, "--out", out, "--methods", "sink", "--lengths", "64,128",
+    fast = ["--model", tiny_model_dir, "--text", text_file, "--out", out, "--methods", "sink", "--lengths", "64,128",
             "--cache-sizes", "32", "--steps", "2", "--ppl-tokens", "0", "--no-report"]
     assert run_cli(fast, capsys)[0] == 0
     path = out / "results.jsonl"
@@ -131,3 +119,17 @@ def test_damaged_results_file(model_dir, text, tmp_path, capsys):
     path.write_text(json.dumps(newer) + "\n")
     code, _, stderr = run_cli([*fast, "--resume"], capsys)
     assert code == 2 and "newer pystream (schema_version 99" in stderr
+
+
+def test_an_unwritable_cache_directory_does_not_stop_a_run(tiny_model_dir, text_file, tmp_path, capsys,
+                                                           monkeypatch):
+    """The token cache only saves time: with $PYSTREAM_CACHE unusable the run still completes."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("PYSTREAM_CACHE", str(blocker))
+    out = tmp_path / "run"
+    args = ["--model", tiny_model_dir, "--text", text_file, "--out", out, "--methods", "sink", "--lengths", "64",
+            "--cache-sizes", "16", "--steps", "2", "--warmup", "1", "--ppl-tokens", "0", "--no-report"]
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    assert len(read_results(out / "results.jsonl")[0]) == 1

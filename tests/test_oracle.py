@@ -45,7 +45,7 @@ def test_sink_cache_equals_paper_algorithm(arch, attn, planned, device):
     diffs = stream_both(model, ids, cache, PaperReferenceCache(model, S, W), planned)
     assert max(diffs) <= TOL, f"max diff {max(diffs):.2e} at step {diffs.index(max(diffs))}"
     # every internal event happened: the ring wrapped many times, and (cache positions) the frame was re-based
-    assert cache.seen() == STEPS and STEPS > 20 * (S + W)
+    assert cache.seen() == STEPS and cache.ring.occupied(0) == S + W  # full: each later token evicted one
     assert cache.kv.layers[0].keys.device.type == device.type
     if planned:
         assert cache.ring.frame_base(0) > 10 * (S + W)
@@ -107,12 +107,13 @@ def test_generate_equals_greedy_reference_past_max_positions(arch, device):
     assert torch.equal(out, expected)
 
 
-def test_generate_with_deprecated_past_key_values(recwarn):
+def test_generate_with_deprecated_past_key_values():
     model = tiny_model("llama")
     prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(4))
     expected = greedy_reference(model, prompt, 80)
-    out = model.generate(prompt, past_key_values=SinkCache(S, W, model.config), max_new_tokens=80,
-                         min_new_tokens=80, do_sample=False)
+    with pytest.warns(Warning, match="`past_key_values` is deprecated"):  # transformers still routes it to cache=
+        out = model.generate(prompt, past_key_values=SinkCache(S, W, model.config), max_new_tokens=80,
+                             min_new_tokens=80, do_sample=False)
     assert torch.equal(out, expected)
 
 
@@ -134,8 +135,6 @@ def test_prompt_longer_than_cache(arch, device):
 
     out = pystream.generate(model, prompt, SinkCache(S, W, model.config), max_new_tokens=40, min_new_tokens=40,
                             do_sample=False)
-    reference_tokens = greedy_reference(model, prompt[:, :1], 0)  # warm the helper's path on a trivial case
-    assert reference_tokens.shape == (1, 1)
     ref = PaperReferenceCache(model, S, W)
     tokens = prompt.clone()
     with torch.inference_mode():
