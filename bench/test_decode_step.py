@@ -2,16 +2,19 @@
 4096 (float32, CPU, one thread). Target: the sink cache's step costs at most 1.03x a static preallocated cache's of
 the same capacity, measured side by side in this run."""
 
+import math
+import time
+
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
-from conftest import ratio
 from pystream import PaperCache, SinkCache, WindowCache
 from pystream.baselines import recompute_logits
 from pystream.hf import decode_attention_mask
 
 CAPACITIES = (1024, 4096)
+RATIO_ROUNDS = 30
 SINKS = 4
 
 
@@ -89,6 +92,15 @@ def test_recompute_step(benchmark, model, capacity):
 
 
 @pytest.mark.parametrize("capacity", CAPACITIES)
-def test_ratio_sink_step_vs_static(capacity):
-    """Sink-cache decode step <= 1.03x the static cache's at the same capacity (same run)."""
-    assert ratio(f"step_sink_{capacity}", f"step_static_{capacity}") <= 1.03
+def test_ratio_sink_step_vs_static(model, capacity):
+    """Sink-cache decode step <= 1.03x the static cache's at the same capacity. Measured here, interleaved (sink,
+    static, static, sink, ...), so that a slow spell of a shared machine lands on both; the fastest step of each
+    (interference only ever adds time). Two separate benchmarks a minute apart can drift by more than 3%."""
+    steps = {"sink": make_step(model, "sink", capacity), "static": make_step(model, "static", capacity)}
+    fastest = {name: math.inf for name in steps}
+    for round_ in range(RATIO_ROUNDS):
+        for name in ("sink", "static") if round_ % 2 == 0 else ("static", "sink"):
+            start = time.perf_counter()
+            steps[name]()
+            fastest[name] = min(fastest[name], time.perf_counter() - start)
+    assert fastest["sink"] / fastest["static"] <= 1.03, {k: f"{v * 1e3:.2f} ms" for k, v in fastest.items()}
