@@ -16,7 +16,6 @@ killed run resumes where it stopped.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from .hf import SinkCache, StreamBatch, WindowCache
-from .quality import nll_dense, nll_recompute, perplexity, sampled_perplexity, stream_batch_nll_step
+from .quality import nll_dense, nll_recompute, stream_batch_nll_step, summarise
 from .results import record
 
 PARTS = ("ppl", "sinks", "cache", "attention", "stability")
@@ -77,22 +76,10 @@ class PaperExperiment:
 
     def _quality(self, method, cache_size, sinks, nll, experiments, **extra) -> dict:
         sampled = extra.pop("sampled", False)
-        if sampled:
-            ppl, low, high = sampled_perplexity(nll)
-            ci = [low, high]
-        else:
-            ppl, ci = perplexity(nll), None
         tokens = len(nll) + 1
-        buckets = []
-        for start in range(0, len(nll), self.cfg.chunk):
-            part = nll[start:start + self.cfg.chunk]
-            count = int((~np.isnan(part)).sum())
-            buckets.append({"start": start + 1, "end": start + len(part) + 1, "tokens": count,
-                            "ppl": perplexity(part) if count else None})
         return record("quality", method=method, cache_size=cache_size, sinks=sinks, length=tokens,
-                      mode=f"experiment:{experiments[0]}", status="ok", tokens=tokens, ppl=ppl, ppl_ci95=ci,
-                      sampled=sampled, experiments=experiments, buckets=buckets,
-                      nll=[None if math.isnan(v) else round(float(v), 5) for v in nll],
+                      mode=f"experiment:{experiments[0]}", status="ok", tokens=tokens, sampled=sampled,
+                      experiments=experiments, **summarise(nll, sampled=sampled, bucket_tokens=self.cfg.chunk),
                       pretraining_length=self.pretraining, **extra)
 
     def _key(self, method, cache_size, sinks, tokens, experiment):

@@ -8,7 +8,6 @@ from scratch for every new token.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import re
 import time
@@ -21,8 +20,7 @@ import torch
 from . import measure
 from .baselines import recompute_logits
 from .hf import DynamicCache, SinkCache, StreamBatch, WindowCache, decode_attention_mask, rope_scaled
-from .quality import (nll_dense, nll_recompute, nll_streaming, perplexity, sampled_perplexity,
-                      stream_batch_nll_step)
+from .quality import nll_dense, nll_recompute, nll_streaming, stream_batch_nll_step, summarise
 from .results import record
 from .streaming import prefill
 
@@ -427,24 +425,12 @@ class Bench:
                 nll = nll_recompute(model, x, cache_size, positions, on_step=tick)
         finally:
             self.progress.remove_task(task)
-        if sampled:
-            ppl, low, high = sampled_perplexity(nll)
-            ci = [low, high]
-        else:
-            ppl, ci = perplexity(nll), None
-        buckets = []
-        for start in range(0, n - 1, BUCKET_TOKENS):
-            part = nll[start:start + BUCKET_TOKENS]
-            count = int((~np.isnan(part)).sum())
-            buckets.append({"start": start + 1, "end": min(start + BUCKET_TOKENS, n - 1) + 1, "tokens": count,
-                            "ppl": perplexity(part) if count else None})
         scaling = rope_scaling_of(method)
         extra = {"rope_scaling": {"type": scaling[0], "factor": scaling[1]}} if scaling else {}
         return record(
             "quality", method=method, cache_size=cache_size, length=n, mode="quality", status="ok", tokens=n, **extra,
-            sinks=self.cfg.sinks if method == "sink" else 0, ppl=ppl, ppl_ci95=ci, sampled=sampled,
-            sample_size=sample_size, buckets=buckets, wall_s=time.perf_counter() - started,
-            nll=[None if math.isnan(v) else round(float(v), 5) for v in nll],
+            sinks=self.cfg.sinks if method == "sink" else 0, sampled=sampled, sample_size=sample_size,
+            wall_s=time.perf_counter() - started, **summarise(nll, sampled=sampled, bucket_tokens=BUCKET_TOKENS),
             pretraining_length=getattr(self.config, "max_position_embeddings", None),
         )
 
