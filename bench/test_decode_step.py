@@ -10,8 +10,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from pystream import PaperCache, SinkCache, WindowCache
-from pystream.baselines import recompute_logits
-from pystream.hf import decode_attention_mask
+from pystream.measure.baselines import recompute_logits
+from pystream.cache.hf import decode_attention_mask
 
 CAPACITIES = (1024, 4096)
 RATIO_ROUNDS = 30
@@ -20,7 +20,7 @@ SINKS = 4
 
 @pytest.fixture(scope="module")
 def model():
-    from pystream.models import load_model
+    from pystream.inputs.models import load_model
 
     return load_model(None).model
 

@@ -20,10 +20,11 @@ from ._core import SinkRing  # noqa: E402
 __version__ = "0.1.0"
 
 _LAZY = {
-    "SinkCache": "hf", "WindowCache": "hf", "PaperCache": "hf", "DynamicCache": "hf", "UnsupportedModelError": "hf",
-    "StreamingKV": "kv", "RotarySpec": "kv",
-    "prefill": "streaming", "generate": "streaming",
-    "recompute_logits": "baselines",
+    "SinkCache": "cache.hf", "WindowCache": "cache.hf", "PaperCache": "cache.hf", "DynamicCache": "cache.hf",
+    "UnsupportedModelError": "cache.hf",
+    "StreamingKV": "cache.kv", "RotarySpec": "cache.kv",
+    "prefill": "cache.streaming", "generate": "cache.streaming",
+    "recompute_logits": "measure.baselines",
 }
 
 

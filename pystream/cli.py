@@ -58,7 +58,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .runner import METHODS
+    from .measure.runner import METHODS
 
     p = Parser(
         prog="pystream-bench",
@@ -135,13 +135,13 @@ def validate(args) -> dict:
     """Everything that can be checked before loading anything. Returns the parsed values."""
     import torch
 
-    from .runner import METHODS
+    from .measure.runner import METHODS
 
     values = {
         "lengths": parse_list(args.lengths, "--lengths", parse_size),
         "cache_sizes": parse_list(args.cache_sizes, "--cache-sizes", parse_size),
     }
-    from .runner import is_dense
+    from .measure.runner import is_dense
 
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in METHODS and not is_dense(m)]
@@ -156,7 +156,7 @@ def validate(args) -> dict:
         args.threads = (os.cpu_count() or 1) if args.experiment else 1
     if args.experiment:
         parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-        from .experiments import PARTS
+        from .measure.experiments import PARTS
 
         unknown = [p for p in parts if p not in PARTS]
         if unknown or not parts:
@@ -201,7 +201,7 @@ def check_out_dir(out: Path, resume: bool) -> None:
     if resume:
         if not (out / "run.json").is_file():
             raise UsageError(f"--resume: {out} holds no run to continue (no run.json)")
-        from .results import ResultsError, load_run
+        from .results.store import ResultsError, load_run
 
         try:
             load_run(out)  # a damaged or newer results file is reported now, before any work
@@ -233,8 +233,8 @@ def run_metadata(args, values, loaded, text, n_tokens, argv=None) -> dict:
     import transformers
 
     from . import __version__
-    from .measure import cpu_model
-    from .results import SCHEMA, SCHEMA_VERSION
+    from .measure.clocks import cpu_model
+    from .results.store import SCHEMA, SCHEMA_VERSION
 
     cfg = loaded.model.config
     device = values["device"]
@@ -311,7 +311,7 @@ def resume_command(argv, out: Path) -> str:
 def _run_experiment(args, values, loaded, ids, writer, console, out_console, argv) -> int:
     from rich.table import Table
 
-    from .experiments import PaperConfig, PaperExperiment, paper_table
+    from .measure.experiments import PaperConfig, PaperExperiment, paper_table
 
     cfg = PaperConfig(parts=values["parts"], tokens=values["experiment_tokens"], cache=args.experiment_cache,
                       cache_tokens=values["cache_tokens"], stability_tokens=values["stability_tokens"],
@@ -342,8 +342,8 @@ def _run_experiment(args, values, loaded, ids, writer, console, out_console, arg
 def write_final_report(out: Path, console) -> None:
     """report.html beside the results. The results are already safe on disk: a report that cannot be written is a
     warning (rebuild it with pystream-report), not a failed run."""
-    from .report import write_report
-    from .results import ResultsError
+    from .report.html import write_report
+    from .results.store import ResultsError
 
     try:
         console.print(f"report: {write_report([out], out / 'report.html')}")
@@ -371,10 +371,10 @@ def _main(argv) -> int:
     import torch
     from rich.console import Console
 
-    from .data import TextError, load_text, tokenize
-    from .models import ModelLoadError, load_model
-    from .results import ResultsError, RunWriter
-    from .runner import Bench, BenchConfig
+    from .inputs.texts import TextError, load_text, tokenize
+    from .inputs.models import ModelLoadError, load_model
+    from .results.store import ResultsError, RunWriter
+    from .measure.runner import Bench, BenchConfig
 
     console = Console(stderr=True)
     # The result tables go to stdout, wide enough to read when piped to a file.
@@ -395,7 +395,7 @@ def _main(argv) -> int:
                                 progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
         except ModelLoadError as err:
             raise UsageError(f"--model: {err}") from None
-    from .hf import UnsupportedModelError, check_supported
+    from .cache.hf import UnsupportedModelError, check_supported
 
     streaming = [m for m in values["methods"] if m in ("sink", "window")]
     if streaming or args.experiment:  # the experiment always streams through sink and window caches
@@ -455,7 +455,7 @@ def _main(argv) -> int:
     if skipped:
         console.print(f"resumed: {skipped} finished record(s) kept, not run again")
 
-    from .summary import print_summary
+    from .results.summary import print_summary
 
     print_summary(writer.records, out_console)
     if not args.no_report:

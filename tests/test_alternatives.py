@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_model
 from pystream import SinkCache, UnsupportedModelError
-from pystream.hf import rope_scaled
+from pystream.cache.hf import rope_scaled
 from test_cli import run_cli
 
 

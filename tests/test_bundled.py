@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pystream import SinkCache, WindowCache
-from pystream.data import load_text, tokenize
-from pystream.models import load_model
-from pystream.quality import nll_dense, nll_streaming, perplexity
+from pystream.inputs.texts import load_text, tokenize
+from pystream.inputs.models import load_model
+from pystream.measure.quality import nll_dense, nll_streaming, perplexity
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def test_readme_example_runs(bundled):
 def test_paper_findings_direction_on_a_short_stream(bundled):
     """Findings 1 and 2 through the experiment's own code, over 768 tokens at a total cache of 128: window attention
     (0 sinks) is far worse than 4 sinks, and one sink already recovers most of the gap."""
-    from pystream.experiments import PaperConfig, PaperExperiment
+    from pystream.measure.experiments import PaperConfig, PaperExperiment
     from test_experiments import InterruptAfter, Writer
 
     loaded, ids = bundled

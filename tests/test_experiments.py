@@ -9,8 +9,8 @@ import torch
 
 from conftest import tiny_model
 from pystream import SinkCache, WindowCache
-from pystream.experiments import PaperConfig, PaperExperiment, paper_table
-from pystream.hf import StreamBatch
+from pystream.measure.experiments import PaperConfig, PaperExperiment, paper_table
+from pystream.cache.hf import StreamBatch
 from conftest import save_tiny_model
 from test_cli import run_cli
 

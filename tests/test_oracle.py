@@ -12,7 +12,7 @@ and again on a CUDA device where there is one).
 import pytest
 import torch
 
-import pystream.kv
+import pystream.cache.kv
 from conftest import tiny_model
 from pystream import SinkCache, WindowCache, prefill
 from reference import PaperReferenceCache
@@ -64,8 +64,8 @@ def test_oracle_detects_unshifted_sinks(monkeypatch):
         step.sink_cos = None
         original(self, layer, step)
 
-    original = pystream.kv.StreamingKV._place_sinks
-    monkeypatch.setattr(pystream.kv.StreamingKV, "_place_sinks", place_without_shift)
+    original = pystream.cache.kv.StreamingKV._place_sinks
+    monkeypatch.setattr(pystream.cache.kv.StreamingKV, "_place_sinks", place_without_shift)
     diffs = stream_both(model, ids, SinkCache(S, W, model.config), PaperReferenceCache(model, S, W), planned=True)
     assert max(diffs[: S + W]) <= TOL  # identical until the first eviction...
     assert max(diffs) > 100 * TOL  # ...then clearly wrong

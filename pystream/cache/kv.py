@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.autograd.profiler import record_function
 
-from ._core import SinkRing
+from .._core import SinkRing
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
-from .hf import DynamicCache
+from ..cache.hf import DynamicCache
 
 STEP, FORWARD, LOGITS = "pystream::step", "pystream::forward", "pystream::logits"
 CACHE_UPDATE, BOOKKEEPING, REROTATE = "pystream::cache_update", "pystream::bookkeeping", "pystream::rerotate"

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from .baselines import recompute_logits
-from .hf import DynamicCache, StreamBatch, StreamingCache
-from .streaming import prefill
+from ..cache.hf import DynamicCache, StreamBatch, StreamingCache
+from ..cache.streaming import prefill
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import measure
+from . import clocks as measure
 from .baselines import recompute_logits
-from .hf import DynamicCache, SinkCache, StreamBatch, WindowCache, decode_attention_mask, rope_scaled
+from ..cache.hf import DynamicCache, SinkCache, StreamBatch, WindowCache, decode_attention_mask, rope_scaled
 from .quality import nll_dense, nll_recompute, nll_streaming, stream_batch_nll_step, summarise
-from .results import record
-from .streaming import prefill
+from ..results.store import record
+from ..cache.streaming import prefill
 
 METHODS = ("sink", "window", "recompute", "dense")
 STREAMING = ("sink", "window")

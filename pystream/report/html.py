@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .results import ResultsError, Run, cache_label, load_run, peak_bytes, write_atomic
+from ..results.store import ResultsError, Run, cache_label, load_run, peak_bytes, write_atomic
 
 MIB = 1024**2
 # One colour per method across every figure.
@@ -380,7 +380,7 @@ def fig_attention_share(runs):
 
 
 def paper_table_html(runs) -> str:
-    from .experiments import paper_table
+    from ..measure.experiments import paper_table
 
     rows = paper_table(runs[0][1].records) if runs else []
     if not rows:

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .hf import DynamicCache, StreamingCache
-from .results import write_atomic
+from ..cache.hf import DynamicCache, StreamingCache
+from ..results.store import write_atomic
 
 
 def save(path: Path, cache) -> None:

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .hf import SinkCache, StreamBatch, WindowCache
+from ..cache.hf import SinkCache, StreamBatch, WindowCache
 from .quality import nll_dense, nll_recompute, stream_batch_nll_step, summarise
-from .results import record
+from ..results.store import record
 
 PARTS = ("ppl", "sinks", "cache", "attention", "stability")
 

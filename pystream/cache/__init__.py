@@ -1,0 +1,1 @@
+"""The cache engine: the C++ ring adapter, RoPE, StreamingKV and the transformers adapter."""

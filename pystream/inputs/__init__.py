@@ -1,0 +1,1 @@
+"""Inputs: models and texts to stream (the bottom layer)."""

@@ -1,0 +1,1 @@
+"""The measurement drivers: cells, quality, the paper experiment, profiling, clocks and memory."""

@@ -1,0 +1,1 @@
+"""pystream-report: the HTML report, from saved results alone."""

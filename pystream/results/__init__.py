@@ -1,0 +1,1 @@
+"""Results: the run directory, its schema, reader and writer, and summaries."""
