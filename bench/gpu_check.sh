@@ -43,7 +43,7 @@ step bench-1m "${bench[@]}" --lengths 1M --methods sink,window,recompute --cache
 step bench-1m-batch16 "${bench[@]}" --lengths 1M --methods sink,window,recompute --cache-sizes 1024 --batch 16 \
   --ppl-tokens 0 --out "$out/1m-batch16"
 for run in cells 1m 1m-batch16; do
-  [ -f "$out/$run/results.jsonl" ] && "$py" -m pystream.report.html "$out/$run" >/dev/null
+  [ -f "$out/$run/results.jsonl" ] && "$py" -m pystream.report "$out/$run" >/dev/null
 done
 
 step bench-update "$py" -m pytest bench/test_cache_update.py -k cuda -q -p no:cacheprovider \

@@ -1,35 +1,32 @@
 """pystream: benchmark and profile streaming LLM inference with attention sinks (StreamingLLM).
 
 `SinkCache` and `WindowCache` plug into Hugging Face transformers (`model(..., cache=...)`, `model.generate`);
-`SinkRing` is the C++ bookkeeping core underneath them.
+`SinkRing` is the C++ bookkeeping core underneath them. Everything here loads on first use: `import pystream` (and
+reading or reporting results) imports neither torch, transformers nor the C++ extension.
+
+The package's layers, bottom to top (imports only go down; see ARCHITECTURE.md): `inputs` (models, texts),
+`cache` (the engine), `measure` (the drivers), `results` (run directories), `report` (HTML), `cli`.
 """
-
-import os as _os
-
-if _os.environ.get("PYSTREAM_CORE"):
-    # Load the C++ core from another build, e.g. the sanitizer build that .ci/run tests (see CMakeLists.txt).
-    import importlib.util as _util
-    import sys as _sys
-
-    _spec = _util.spec_from_file_location(f"{__name__}._core", _os.environ["PYSTREAM_CORE"])
-    _sys.modules[_spec.name] = _util.module_from_spec(_spec)
-    _spec.loader.exec_module(_sys.modules[_spec.name])
-
-from ._core import SinkRing  # noqa: E402
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "SinkCache": "cache.hf", "WindowCache": "cache.hf", "PaperCache": "cache.hf", "DynamicCache": "cache.hf",
-    "UnsupportedModelError": "cache.hf",
-    "StreamingKV": "cache.kv", "RotarySpec": "cache.kv",
+    "SinkCache": "cache.hf", "WindowCache": "cache.hf", "DynamicCache": "cache.hf",
+    "UnsupportedModelError": "cache.hf", "streaming_cache": "cache.hf",
+    "PaperCache": "cache.paper", "StreamBatch": "cache.batch",
+    "StreamingKV": "cache.kv", "RotarySpec": "cache.rope",
     "prefill": "cache.streaming", "generate": "cache.streaming",
     "recompute_logits": "measure.baselines",
+    "load_model": "inputs.models", "load_text": "inputs.texts",
 }
 
 
 def __getattr__(name):
-    # transformers takes seconds to import: load it only when a cache is asked for.
+    # transformers takes seconds to import, and a report needs neither it nor torch: load only what is asked for.
+    if name == "SinkRing":
+        from .cache.ring import core
+
+        return core().SinkRing
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'pystream' has no attribute {name!r}")

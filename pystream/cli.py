@@ -1,8 +1,14 @@
-"""pystream-bench: sink caching against its baselines across stream lengths."""
+"""pystream-bench: sink caching against its baselines across stream lengths.
+
+The top of the package: `main` parses the command line, `validate` checks everything that can be checked before
+loading anything and returns an immutable `RunConfig`, and `run(config)` does the run. A bad argument is a
+`UsageError`: one line, exit code 2, before anything is created.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import re
@@ -10,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 EXAMPLES = """\
@@ -58,7 +65,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .measure.runner import METHODS
+    from .measure.cells import METHODS
 
     p = Parser(
         prog="pystream-bench",
@@ -131,18 +138,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate(args) -> dict:
-    """Everything that can be checked before loading anything. Returns the parsed values."""
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated command line: what `run` does."""
+
+    lengths: tuple[int, ...]
+    methods: tuple[str, ...]
+    cache_sizes: tuple[int, ...]  # capacities: sinks + window
+    sinks: int
+    mode: str
+    steps: int
+    warmup: int
+    batch: int
+    ppl_tokens: int | None  # None: DEFAULT_PPL_TOKENS, or the whole text if shorter
+    ppl_cache: int | None
+    recompute_ppl: str
+    recompute_samples: int
+    model: str | None
+    text: str | None
+    trust_remote_code: bool
+    device: str
+    dtype: str
+    threads: int
+    seed: int
+    out: Path
+    resume: bool
+    report: bool
+    profile: bool
+    profile_steps: int
+    experiment: str | None = None
+    parts: tuple[str, ...] | None = None
+    experiment_tokens: int | None = None
+    experiment_cache: int | None = None
+    cache_tokens: int | None = None
+    stability_tokens: int | None = None
+    argv: tuple[str, ...] | None = None  # the command line as given (None: sys.argv), for run.json and resuming
+
+
+def validate(args, argv=None) -> RunConfig:
+    """Everything that can be checked before loading anything; `args` is read, never changed."""
     import torch
 
-    from .measure.runner import METHODS
+    from .measure.cells import METHODS, is_dense
 
-    values = {
-        "lengths": parse_list(args.lengths, "--lengths", parse_size),
-        "cache_sizes": parse_list(args.cache_sizes, "--cache-sizes", parse_size),
-    }
-    from .measure.runner import is_dense
-
+    lengths = parse_list(args.lengths, "--lengths", parse_size)
+    cache_sizes = parse_list(args.cache_sizes, "--cache-sizes", parse_size)
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in METHODS and not is_dense(m)]
     if unknown or not args.methods.strip():
@@ -151,36 +191,20 @@ def validate(args) -> dict:
     for m in methods:
         if is_dense(m) and m != "dense" and float(m.split(":")[1]) < 1:
             raise UsageError(f"--methods: {m}: the scaling factor must be >= 1")
-    values["methods"] = list(dict.fromkeys(methods))
-    if args.threads is None:
-        args.threads = (os.cpu_count() or 1) if args.experiment else 1
-    if args.experiment:
-        parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-        from .measure.experiments import PARTS
-
-        unknown = [p for p in parts if p not in PARTS]
-        if unknown or not parts:
-            raise UsageError(f"--parts: unknown part {unknown[0] if unknown else args.parts!r}; choose from "
-                             f"{', '.join(PARTS)}")
-        values["parts"] = parts
-        values["experiment_tokens"] = parse_size(args.experiment_tokens, "--experiment-tokens")
-        values["cache_tokens"] = parse_size(args.cache_tokens, "--cache-tokens")
-        values["stability_tokens"] = (parse_size(args.stability_tokens, "--stability-tokens")
-                                      if args.stability_tokens else None)
-        if args.experiment_cache <= 8:
-            raise UsageError(f"--experiment-cache {args.experiment_cache} must be larger than the 8 sinks tried")
-        if values["experiment_tokens"] <= args.experiment_cache:
-            raise UsageError("--experiment-tokens must be longer than --experiment-cache, or nothing is evicted")
+    methods = list(dict.fromkeys(methods))
+    threads = args.threads if args.threads is not None else ((os.cpu_count() or 1) if args.experiment else 1)
+    experiment = _validate_experiment(args) if args.experiment else {}
     for name in ("sinks", "steps", "warmup", "batch", "threads", "ppl_tokens", "recompute_samples", "profile_steps"):
         minimum = 1 if name in ("steps", "batch", "threads", "recompute_samples", "profile_steps") else 0
-        if getattr(args, name) is not None and getattr(args, name) < minimum:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
-    if "sink" in values["methods"]:
-        small = [c for c in values["cache_sizes"] if c <= args.sinks]
+        value = threads if name == "threads" else getattr(args, name)
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    if "sink" in methods:
+        small = [c for c in cache_sizes if c <= args.sinks]
         if small:
             raise UsageError(f"--cache-sizes: {small[0]} is not larger than --sinks {args.sinks} (the cache holds "
                              "the sinks plus a window of at least one token)")
-    if args.ppl_cache is not None and args.ppl_cache <= (args.sinks if "sink" in values["methods"] else 0):
+    if args.ppl_cache is not None and args.ppl_cache <= (args.sinks if "sink" in methods else 0):
         raise UsageError(f"--ppl-cache {args.ppl_cache} must be larger than --sinks {args.sinks}")
     if args.ppl_tokens == 1:
         raise UsageError("--ppl-tokens must be 0 (skip) or at least 2")
@@ -188,10 +212,38 @@ def validate(args) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (this torch build: "
                          f"{torch.__version__}); use --device cpu")
-    values["device"] = device
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     check_out_dir(out, args.resume)
-    values["out"] = out
+    return RunConfig(
+        lengths=tuple(lengths), methods=tuple(methods), cache_sizes=tuple(cache_sizes), sinks=args.sinks,
+        mode=args.mode, steps=args.steps, warmup=args.warmup, batch=args.batch, ppl_tokens=args.ppl_tokens,
+        ppl_cache=args.ppl_cache, recompute_ppl=args.recompute_ppl, recompute_samples=args.recompute_samples,
+        model=args.model, text=args.text, trust_remote_code=args.trust_remote_code, device=device,
+        dtype=args.dtype, threads=threads, seed=args.seed, out=out, resume=args.resume, report=not args.no_report,
+        profile=args.profile, profile_steps=args.profile_steps, experiment=args.experiment,
+        argv=None if argv is None else tuple(str(a) for a in argv), **experiment)
+
+
+def _validate_experiment(args) -> dict:
+    from .measure.experiments import PARTS
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise UsageError(f"--parts: unknown part {unknown[0] if unknown else args.parts!r}; choose from "
+                         f"{', '.join(PARTS)}")
+    values = {
+        "parts": tuple(parts),
+        "experiment_tokens": parse_size(args.experiment_tokens, "--experiment-tokens"),
+        "experiment_cache": args.experiment_cache,
+        "cache_tokens": parse_size(args.cache_tokens, "--cache-tokens"),
+        "stability_tokens": (parse_size(args.stability_tokens, "--stability-tokens")
+                             if args.stability_tokens else None),
+    }
+    if args.experiment_cache <= 8:
+        raise UsageError(f"--experiment-cache {args.experiment_cache} must be larger than the 8 sinks tried")
+    if values["experiment_tokens"] <= args.experiment_cache:
+        raise UsageError("--experiment-tokens must be longer than --experiment-cache, or nothing is evicted")
     return values
 
 
@@ -201,7 +253,7 @@ def check_out_dir(out: Path, resume: bool) -> None:
     if resume:
         if not (out / "run.json").is_file():
             raise UsageError(f"--resume: {out} holds no run to continue (no run.json)")
-        from .results.store import ResultsError, load_run
+        from .results import ResultsError, load_run
 
         try:
             load_run(out)  # a damaged or newer results file is reported now, before any work
@@ -227,38 +279,39 @@ def git_commit() -> str | None:
         return None
 
 
-def run_metadata(args, values, loaded, text, n_tokens, argv=None) -> dict:
+def run_metadata(config: RunConfig, loaded, text, n_tokens) -> dict:
     import numpy
     import torch
     import transformers
 
     from . import __version__
     from .measure.clocks import cpu_model
-    from .results.store import SCHEMA, SCHEMA_VERSION
+    from .results import SCHEMA, SCHEMA_VERSION
 
     cfg = loaded.model.config
-    device = values["device"]
+    device = config.device
     device_name = torch.cuda.get_device_name(0) if device == "cuda" else cpu_model()
     params = sum(p.numel() for p in loaded.model.parameters())
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": shlex.join(["pystream-bench", *(sys.argv[1:] if argv is None else [str(a) for a in argv])]),
+        "command": shlex.join(["pystream-bench", *(sys.argv[1:] if config.argv is None else config.argv)]),
         "config": {
-            "lengths": values["lengths"], "methods": values["methods"], "cache_sizes": values["cache_sizes"],
-            "sinks": args.sinks, "mode": args.mode, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
-            "ppl_tokens": args.ppl_tokens, "ppl_cache": args.ppl_cache, "recompute_ppl": args.recompute_ppl,
-            "recompute_samples": args.recompute_samples, "model": loaded.name, "text": text.name,
-            "device_kind": device, "dtype": args.dtype, "threads": args.threads, "seed": args.seed,
-            "profile": args.profile, "experiment": args.experiment,
-            "parts": values.get("parts"), "experiment_tokens": values.get("experiment_tokens"),
-            "experiment_cache": args.experiment_cache if args.experiment else None,
+            "lengths": list(config.lengths), "methods": list(config.methods), "cache_sizes": list(config.cache_sizes),
+            "sinks": config.sinks, "mode": config.mode, "steps": config.steps, "warmup": config.warmup,
+            "batch": config.batch, "ppl_tokens": config.ppl_tokens, "ppl_cache": config.ppl_cache,
+            "recompute_ppl": config.recompute_ppl, "recompute_samples": config.recompute_samples,
+            "model": loaded.name, "text": text.name, "device_kind": device, "dtype": config.dtype,
+            "threads": config.threads, "seed": config.seed, "profile": config.profile,
+            "experiment": config.experiment, "parts": None if config.parts is None else list(config.parts),
+            "experiment_tokens": config.experiment_tokens,
+            "experiment_cache": config.experiment_cache if config.experiment else None,
         },
         "versions": {"pystream": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "numpy": numpy.__version__, "python": platform.python_version()},
         "git_commit": git_commit(),
         "device": {"kind": device, "name": device_name, "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-                   "threads": args.threads, "platform": platform.platform()},
+                   "threads": config.threads, "platform": platform.platform()},
         "model": {"name": loaded.name, "kind": loaded.kind, "source": loaded.source,
                   "model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
                   "attention_heads": cfg.num_attention_heads,
@@ -308,21 +361,22 @@ def resume_command(argv, out: Path) -> str:
     return shlex.join(["pystream-bench", *words])
 
 
-def _run_experiment(args, values, loaded, ids, writer, console, out_console, argv) -> int:
+def _run_experiment(config: RunConfig, loaded, ids, writer, console, out_console) -> int:
     from rich.table import Table
 
-    from .measure.experiments import PaperConfig, PaperExperiment, paper_table
+    from .measure.experiments import PaperConfig, PaperExperiment
+    from .results.paper import paper_table
 
-    cfg = PaperConfig(parts=values["parts"], tokens=values["experiment_tokens"], cache=args.experiment_cache,
-                      cache_tokens=values["cache_tokens"], stability_tokens=values["stability_tokens"],
-                      recompute_samples=max(args.recompute_samples, 96), seed=args.seed)
+    cfg = PaperConfig(parts=config.parts, tokens=config.experiment_tokens, cache=config.experiment_cache,
+                      cache_tokens=config.cache_tokens, stability_tokens=config.stability_tokens,
+                      recompute_samples=max(config.recompute_samples, 96), seed=config.seed)
     needed = max(cfg.tokens, cfg.cache_tokens, cfg.stability_tokens or 0)
     if needed > len(ids):
         console.print(f"[yellow]note[/yellow]: the text has {len(ids):,} tokens; longer streams cycle it")
     progress = make_progress(console)
     started = time.perf_counter()
-    with saving_on_interrupt(writer, console, values["out"], argv) as interrupted, progress:
-        PaperExperiment(cfg, loaded.model, ids, writer, progress, values["device"], values["out"]).run()
+    with saving_on_interrupt(writer, console, config.out, config.argv) as interrupted, progress:
+        PaperExperiment(cfg, loaded.model, ids, writer, progress, config.device, config.out).run()
     if interrupted:
         return 130
     table = Table(title=f"the paper's findings on {loaded.name} (ours) beside the paper's", title_justify="left")
@@ -333,17 +387,50 @@ def _run_experiment(args, values, loaded, ids, writer, console, out_console, arg
                       "-" if row["paper"] is None else f"{row['paper']:.2f}", row["paper_setting"])
     out_console.print(table)
     console.print(f"experiment finished in {(time.perf_counter() - started) / 60:.1f} min")
-    if not args.no_report:
-        write_final_report(values["out"], console)
-    console.print(f"results: {values['out'] / 'results.jsonl'}")
+    return 0
+
+
+def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console) -> int:
+    from .measure.runner import Bench, BenchConfig
+    from .results.summary import print_summary
+
+    cfg = BenchConfig(lengths=config.lengths, methods=config.methods, cache_sizes=config.cache_sizes,
+                      sinks=config.sinks, mode=config.mode, batch=config.batch, steps=config.steps,
+                      warmup=config.warmup, seed=config.seed, ppl_tokens=config.ppl_tokens,
+                      ppl_cache=config.ppl_cache, recompute_ppl=config.recompute_ppl,
+                      recompute_samples=config.recompute_samples, device=config.device, dtype=config.dtype,
+                      profile=config.profile, profile_steps=config.profile_steps)
+    progress = make_progress(console)
+    bench = Bench(cfg, loaded.model, ids, progress, run_dir=config.out)
+    cells, quality = bench.cells(), bench.quality_plan()
+    skipped = 0
+    with saving_on_interrupt(writer, console, config.out, config.argv) as interrupted, progress:
+        overall = progress.add_task("[bold]cells", total=len(cells) + len(quality))
+        for method, capacity, length in cells:
+            if writer.done(bench.cell_identity(method, capacity, length)) is not None:
+                skipped += 1
+            else:
+                writer.append(bench.run_cell(method, capacity, length, writer.records))
+            progress.advance(overall)
+        for method, capacity in quality:
+            if writer.done(bench.quality_identity(method, capacity)) is None:
+                writer.append(bench.run_quality(method, capacity))
+            else:
+                skipped += 1
+            progress.advance(overall)
+    if interrupted:
+        return 130
+    if skipped:
+        console.print(f"resumed: {skipped} finished record(s) kept, not run again")
+    print_summary(writer.records, out_console)
     return 0
 
 
 def write_final_report(out: Path, console) -> None:
     """report.html beside the results. The results are already safe on disk: a report that cannot be written is a
     warning (rebuild it with pystream-report), not a failed run."""
-    from .report.html import write_report
-    from .results.store import ResultsError
+    from .report import write_report
+    from .results import ResultsError
 
     try:
         console.print(f"report: {write_report([out], out / 'report.html')}")
@@ -354,7 +441,8 @@ def write_final_report(out: Path, console) -> None:
 
 def main(argv=None) -> int:
     try:
-        return _main(argv)
+        config = validate(build_parser().parse_args(argv), argv)
+        return run(config)
     except UsageError as err:
         print(f"pystream-bench: error: {err}", file=sys.stderr)
         return 2
@@ -363,42 +451,25 @@ def main(argv=None) -> int:
         return 130
 
 
-def _main(argv) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    values = validate(args)
-
-    import torch
-    from rich.console import Console
-
-    from .inputs.texts import TextError, load_text, tokenize
+def load_inputs(config: RunConfig, console):
+    """The text, the model and the token ids; problems with them are UsageErrors."""
+    from .cache.hf import UnsupportedModelError, check_supported
     from .inputs.models import ModelLoadError, load_model
-    from .results.store import ResultsError, RunWriter
-    from .measure.runner import Bench, BenchConfig
+    from .inputs.texts import TextError, load_text, tokenize
 
-    console = Console(stderr=True)
-    # The result tables go to stdout, wide enough to read when piped to a file.
-    out_console = Console(width=None if sys.stdout.isatty() else 160)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress bars say what is going on
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     try:
-        text = load_text(args.text)
+        text = load_text(config.text)
     except TextError as err:
         raise UsageError(f"--text {err}") from None
     with console.status("loading the model"):
         try:
-            loaded = load_model(args.model, device=values["device"], dtype=args.dtype,
-                                trust_remote_code=args.trust_remote_code,
+            loaded = load_model(config.model, device=config.device, dtype=config.dtype,
+                                trust_remote_code=config.trust_remote_code,
                                 progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
         except ModelLoadError as err:
             raise UsageError(f"--model: {err}") from None
-    from .cache.hf import UnsupportedModelError, check_supported
-
-    streaming = [m for m in values["methods"] if m in ("sink", "window")]
-    if streaming or args.experiment:  # the experiment always streams through sink and window caches
+    streaming = [m for m in config.methods if m in ("sink", "window")]
+    if streaming or config.experiment:  # the experiment always streams through sink and window caches
         try:
             check_supported(loaded.model.config)
         except UnsupportedModelError as err:
@@ -408,59 +479,42 @@ def _main(argv) -> int:
             ids = tokenize(text, loaded.tokenizer)
         except TextError as err:
             raise UsageError(f"--text {err}") from None
-    console.print(f"model [bold]{loaded.name}[/bold] ({loaded.kind}, loaded in {loaded.load_seconds:.1f} s), "
-                  f"text [bold]{text.name}[/bold] ({len(ids):,} tokens), device {values['device']}, "
-                  f"{args.threads} thread(s)")
-    if args.ppl_tokens is None:
-        args.ppl_tokens = min(DEFAULT_PPL_TOKENS, len(ids))
-    elif args.ppl_tokens > len(ids):
-        raise UsageError(f"--ppl-tokens {args.ppl_tokens} is more than the text's {len(ids)} tokens")
+    return text, loaded, ids
 
-    meta = run_metadata(args, values, loaded, text, len(ids), argv)
+
+def run(config: RunConfig) -> int:
+    """Run what `config` says: load, open the run directory, measure, summarise, report. Returns the exit code."""
+    import torch
+    from rich.console import Console
+    from transformers.utils import logging as hf_logging
+
+    from .results import ResultsError, RunWriter
+
+    console = Console(stderr=True)
+    # The result tables go to stdout, wide enough to read when piped to a file.
+    out_console = Console(width=None if sys.stdout.isatty() else 160)
+    hf_logging.disable_progress_bar()  # our own progress bars say what is going on
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    text, loaded, ids = load_inputs(config, console)
+    console.print(f"model [bold]{loaded.name}[/bold] ({loaded.kind}, loaded in {loaded.load_seconds:.1f} s), "
+                  f"text [bold]{text.name}[/bold] ({len(ids):,} tokens), device {config.device}, "
+                  f"{config.threads} thread(s)")
+    if config.ppl_tokens is None:
+        config = dataclasses.replace(config, ppl_tokens=min(DEFAULT_PPL_TOKENS, len(ids)))
+    elif config.ppl_tokens > len(ids):
+        raise UsageError(f"--ppl-tokens {config.ppl_tokens} is more than the text's {len(ids)} tokens")
     try:
-        writer = RunWriter(values["out"], meta, resume=args.resume)
+        writer = RunWriter(config.out, run_metadata(config, loaded, text, len(ids)), resume=config.resume)
     except ResultsError as err:
         raise UsageError(str(err)) from None
-
-    if args.experiment:
-        return _run_experiment(args, values, loaded, ids, writer, console, out_console, argv)
-
-    cfg = BenchConfig(lengths=values["lengths"], methods=values["methods"], cache_sizes=values["cache_sizes"],
-                      sinks=args.sinks, mode=args.mode, batch=args.batch, steps=args.steps, warmup=args.warmup,
-                      seed=args.seed, ppl_tokens=args.ppl_tokens, ppl_cache=args.ppl_cache,
-                      recompute_ppl=args.recompute_ppl, recompute_samples=args.recompute_samples,
-                      device=values["device"], dtype=args.dtype, profile=args.profile,
-                      profile_steps=args.profile_steps)
-    progress = make_progress(console)
-    bench = Bench(cfg, loaded.model, ids, progress, run_dir=values["out"])
-    cells = bench.cells()
-    quality = bench.quality_plan()
-    skipped = 0
-    with saving_on_interrupt(writer, console, values["out"], argv) as interrupted, progress:
-        overall = progress.add_task("[bold]cells", total=len(cells) + len(quality))
-        for method, cache_size, length in cells:
-            if writer.done(bench.cell_key(method, cache_size, length)) is not None:
-                skipped += 1
-            else:
-                writer.append(bench.run_cell(method, cache_size, length, writer.records))
-            progress.advance(overall)
-        for method, cache_size in quality:
-            if writer.done(bench.quality_key(method, cache_size)) is None:
-                writer.append(bench.run_quality(method, cache_size))
-            else:
-                skipped += 1
-            progress.advance(overall)
-    if interrupted:
-        return 130
-    if skipped:
-        console.print(f"resumed: {skipped} finished record(s) kept, not run again")
-
-    from .results.summary import print_summary
-
-    print_summary(writer.records, out_console)
-    if not args.no_report:
-        write_final_report(values["out"], console)
-    console.print(f"results: {values['out'] / 'results.jsonl'}")
+    measure = _run_experiment if config.experiment else _run_bench
+    code = measure(config, loaded, ids, writer, console, out_console)
+    if code != 0:
+        return code
+    if config.report:
+        write_final_report(config.out, console)
+    console.print(f"results: {config.out / 'results.jsonl'}")
     return 0
 
 

@@ -65,7 +65,7 @@ def test_paper_findings_direction_on_a_short_stream(bundled):
     from test_experiments import InterruptAfter, Writer
 
     loaded, ids = bundled
-    cfg = PaperConfig(parts=["sinks"], tokens=768, cache=128, sinks=[0, 1, 4])
+    cfg = PaperConfig(parts=("sinks",), tokens=768, cache=128, sink_counts=(0, 1, 4))
     writer = Writer()
     PaperExperiment(cfg, loaded.model, ids, writer, InterruptAfter(), "cpu", None).run()
     ppl = {r["sinks"]: r["ppl"] for r in writer.records}

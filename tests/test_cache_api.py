@@ -265,7 +265,7 @@ def test_positions_before_the_first_forward_go_to_the_given_device():
 def test_rotation_tables_through_a_host_buffer_match_direct_ones():
     """Per-stream rotation angles are assembled on the host; off the CPU they travel through separate host buffers
     and one contiguous copy. Simulated here on the CPU: both ways give the model's own cos/sin."""
-    from pystream.cache.kv import RotarySpec, RotationAngles
+    from pystream.cache.rope import RotarySpec, RotationAngles
 
     inv = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
     rotary = RotarySpec(inv_freq=inv, rotary_dim=16)

@@ -9,8 +9,9 @@ import torch
 
 from conftest import tiny_model
 from pystream import SinkCache, WindowCache
-from pystream.measure.experiments import PaperConfig, PaperExperiment, paper_table
-from pystream.cache.hf import StreamBatch
+from pystream.cache.batch import StreamBatch
+from pystream.measure.experiments import PaperConfig, PaperExperiment
+from pystream.results.paper import paper_table
 from conftest import save_tiny_model
 from test_cli import run_cli
 

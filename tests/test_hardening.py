@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from pystream.results.store import read_results
+from pystream.results import read_results
 from test_cli import run_cli
 
 SLOW_ARGS = ["--methods", "sink,window", "--lengths", "100,200,300", "--cache-sizes", "32", "--steps", "1500",
@@ -109,7 +109,7 @@ def test_damaged_results_file(tiny_model_dir, text_file, tmp_path, capsys):
     path.write_text(lines[0][:-5] + "\n" + lines[1] + "\n")
     code, _, stderr = run_cli([*fast, "--resume"], capsys)
     assert code == 2 and f"{path}:1: invalid JSON" in stderr and stderr.count("\n") == 1
-    from pystream.report.html import main as report_main
+    from pystream.report import main as report_main
 
     assert report_main([str(out)]) == 2
     assert f"{path}:1: invalid JSON" in capsys.readouterr().err

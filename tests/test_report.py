@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pystream.report.html import main as report_main
-from pystream.report.html import write_report
-from pystream.results.store import META, RESULTS, SCHEMA, SCHEMA_VERSION, record
+from pystream.report import main as report_main
+from pystream.report import write_report
+from pystream.results import META, RESULTS, SCHEMA, SCHEMA_VERSION, record
 
 HOSTILE = "<script>alert('x')</script>"
 ARTIFACTS = Path(os.environ.get("PYSTREAM_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))

@@ -1,9 +1,13 @@
-"""Everything that touches transformers internals lives here: its cache API changes between releases (v5 renamed
-`past_key_values` to `cache`, removed `cache_position` and SinkCache, moved to per-layer cache objects), and that
-breakage is the top complaint about every earlier StreamingLLM implementation. Tested against transformers 5.x.
+"""The transformers adapter: the one module that touches transformers' cache and attention internals (its cache API
+changes between releases: v5 renamed `past_key_values` to `cache`, removed `cache_position` and SinkCache, moved to
+per-layer cache objects, and that breakage is the top complaint about every earlier StreamingLLM implementation).
+Tested against transformers 5.x.
 
 Public classes: `SinkCache` (StreamingLLM), `WindowCache` (the same with no sinks). Both are `transformers.Cache`s:
-pass them as `cache=` (or the deprecated `past_key_values=`) to `model(...)` and `model.generate(...)`.
+pass them as `cache=` (or the deprecated `past_key_values=`) to `model(...)` and `model.generate(...)`;
+`streaming_cache(capacity, sinks, config)` builds either from the project's vocabulary (capacity = sinks + window).
+Also here, for the drivers above: transformers' dense `DynamicCache` and what they read of it, the explicit decode
+mask, RoPE scaling through transformers' rope types, and switching the attention implementation.
 """
 
 from __future__ import annotations
@@ -12,12 +16,16 @@ import contextlib
 import copy
 
 import torch
+from torch.autograd.profiler import record_function
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .kv import RotarySpec, StreamingKV
+from .kv import CACHE_UPDATE, StreamingKV
+from .rope import RotarySpec
 
-__all__ = ["SinkCache", "WindowCache", "PaperCache", "DynamicCache", "decode_attention_mask", "rope_scaled", "UnsupportedModelError", "rotary_spec", "check_supported"]
+__all__ = ["SinkCache", "WindowCache", "StreamingCache", "streaming_cache", "DynamicCache", "dense_cache",
+           "dense_kv_bytes", "dense_layers", "decode_attention_mask", "rope_scaled", "eager_attention",
+           "UnsupportedModelError", "rotary_spec", "check_supported", "StubLayer"]
 
 # Model types whose attention applies RoPE in the rotate-half layout before calling `cache.update`, verified against
 # the reference implementation in tests/test_oracle.py.
@@ -152,7 +160,7 @@ def decode_attention_mask(model, batch: int, kv_length: int):
     return mask
 
 
-class _StubLayer(CacheLayerMixin):
+class StubLayer(CacheLayerMixin):
     """A placeholder layer for caches that keep their tensors themselves (the benchmark baselines)."""
 
     is_sliding = False
@@ -393,119 +401,49 @@ class WindowCache(StreamingCache):
         super().__init__(0, window, config, rebase_interval=rebase_interval, batch_size=batch_size, device=device)
 
 
-class PaperCache(Cache):
-    """StreamingLLM the way the paper's code (and transformers' removed SinkCache) runs it, kept as a benchmark
-    baseline: keys are stored un-rotated; every step each layer concatenates the sinks, the recent slice and the new
-    key, then re-applies RoPE to every cached key at positions 0..len-1 (cos/sin precomputed, as there). That is
-    O(cache) copying and rotation per layer per step, the cost `SinkCache` removes. One token per forward."""
+def streaming_cache(capacity: int, sinks: int, config=None, **kwargs) -> StreamingCache:
+    """The one way the drivers build a streaming cache: `capacity` slots in all, the first `sinks` of them for the
+    sinks and the rest for the window (the query included): `SinkCache(sinks, capacity - sinks)`, or with no sinks
+    the paper's window attention, `WindowCache(capacity)`. Keyword arguments go to the cache."""
+    if sinks:
+        return SinkCache(sinks, capacity - sinks, config, **kwargs)
+    return WindowCache(capacity, config, **kwargs)
 
-    def __init__(self, num_sinks: int, window: int, config):
-        check_supported(config)
-        rotary = rotary_spec(config)
-        super().__init__(layers=[_StubLayer() for _ in range(config.num_hidden_layers)])
-        self.num_sinks, self.capacity = num_sinks, num_sinks + window
-        angles = torch.arange(self.capacity, dtype=torch.float64)[:, None] * rotary.inv_freq
-        self._cos64, self._sin64 = angles.cos(), angles.sin()
-        self._tables = {}
-        self.raw_keys = [None] * config.num_hidden_layers
-        self.raw_values = [None] * config.num_hidden_layers
 
-    def _table(self, like):
-        key = (like.dtype, like.device)
-        if key not in self._tables:
-            cos, sin = self._cos64.to(like.device, like.dtype), self._sin64.to(like.device, like.dtype)
-            self._tables[key] = (torch.cat((cos, cos), -1), torch.cat((sin, sin), -1))
-        return self._tables[key]
-
-    @staticmethod
-    def _rotate(x, cos, sin):
-        rot, half = cos.shape[-1], cos.shape[-1] // 2
-        x_rot = x[..., :rot]
-        rotated = x_rot * cos + torch.cat((-x_rot[..., half:], x_rot[..., :half]), -1) * sin
-        return torch.cat((rotated, x[..., rot:]), -1)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        keys = self.raw_keys[layer_idx]
-        return 0 if keys is None else min(keys.shape[-2], self.capacity - 1)
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int):
-        return self.get_seq_length(layer_idx) + query_length, 0
+# ---- dense attention: transformers' own DynamicCache, and what the drivers read of it ---------------------------------
+class ProfiledDynamicCache(DynamicCache):
+    """transformers' DynamicCache with its update in a named profiler range (a subclass, nothing patched)."""
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if key_states.shape[-2] != 1:
-            raise ValueError("PaperCache is a decode-step baseline: feed one token per forward")
-        cos, sin = self._table(key_states)
-        position = self.get_seq_length(layer_idx)  # where the model rotated the new key
-        raw_new = self._rotate(key_states, cos[position:position + 1], -sin[position:position + 1])
-        keys, values = self.raw_keys[layer_idx], self.raw_values[layer_idx]
-        if keys is None:
-            keys, values = raw_new, value_states
-        else:
-            if keys.shape[-2] >= self.capacity:
-                recent = keys.shape[-2] - (self.capacity - 1 - self.num_sinks)
-                keys = torch.cat((keys[..., : self.num_sinks, :], keys[..., recent:, :]), -2)
-                values = torch.cat((values[..., : self.num_sinks, :], values[..., recent:, :]), -2)
-            keys, values = torch.cat((keys, raw_new), -2), torch.cat((values, value_states), -2)
-        self.raw_keys[layer_idx], self.raw_values[layer_idx] = keys, values
-        n = keys.shape[-2]
-        return self._rotate(keys, cos[:n], sin[:n]), values
+        with record_function(CACHE_UPDATE):
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-class StreamBatch(Cache):
-    """Several one-stream caches decoded together as one batch, row i through `caches[i]`; the rows may differ in
-    sinks and capacity (experiments compare settings side by side at the cost of one batched forward).
+def dense_cache(config, *, profiled: bool = False) -> DynamicCache:
+    """An empty dense cache (with its update in a profiler range when `profiled`)."""
+    return (ProfiledDynamicCache if profiled else DynamicCache)(config=config)
 
-    Per step pass `position_ids=batch.position_ids()` and, when capacities differ, `attention_mask=
-    batch.attention_mask()`. It concatenates the rows' keys every step (it allocates): an experiment driver, not the
-    decode path the benchmarks time."""
 
-    def __init__(self, caches: list):
-        if not caches or not all(isinstance(c, StreamingCache) for c in caches):
-            raise TypeError("StreamBatch takes a non-empty list of SinkCache / WindowCache")
-        self.caches = caches
-        layers = caches[0].layers
-        if not layers:
-            raise ValueError("StreamBatch needs caches built with config=")
-        super().__init__(layers=[_StubLayer() for _ in layers])
-        self._planned = [None] * len(caches)
+def dense_layers(cache: DynamicCache) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """(keys, values) of every layer of a dense cache (None before the layer's first update)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
-    def position_ids(self) -> torch.Tensor:
-        """`[rows, 1]` positions for the next single-token step, each row from its own cache."""
-        self._planned = [c.position_ids(1) for c in self.caches]
-        return torch.cat(self._planned, dim=0)
 
-    def attention_mask(self):
-        """`[rows, keys]` bool mask for the next step when the rows hold different numbers of keys, else None."""
-        lengths = [c.kv.attended(1) for c in self.caches]
-        width = max(lengths)
-        if min(lengths) == width:
-            return None
-        mask = torch.zeros(len(lengths), width, dtype=torch.bool)
-        for row, n in enumerate(lengths):
-            mask[row, :n] = True
-        return mask.to(self.caches[0].kv._device() or "cpu")
+def dense_kv_bytes(cache: DynamicCache) -> int:
+    """Bytes the keys and values of a dense cache hold."""
+    return sum(keys.nbytes + values.nbytes for keys, values in dense_layers(cache) if keys is not None)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.caches[0].get_seq_length()
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int):
-        return max(c.kv.attended(query_length) for c in self.caches), 0
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return max(c.kv.attended(1) for c in self.caches) - 1
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if key_states.shape[0] != len(self.caches) or key_states.shape[-2] != 1:
-            raise ValueError(f"StreamBatch of {len(self.caches)} rows takes [rows, heads, 1, dim] keys")
-        outs = [cache.kv.update(layer_idx, key_states[i:i + 1], value_states[i:i + 1], self._planned[i])
-                for i, cache in enumerate(self.caches)]
-        width = max(k.shape[-2] for k, _ in outs)
-        keys = key_states.new_zeros(len(outs), key_states.shape[1], width, key_states.shape[-1])
-        values = value_states.new_zeros(len(outs), value_states.shape[1], width, value_states.shape[-1])
-        for i, (k, v) in enumerate(outs):
-            keys[i, :, : k.shape[-2]] = k[0]
-            values[i, :, : v.shape[-2]] = v[0]
-        return keys, values
+@contextlib.contextmanager
+def eager_attention(model):
+    """Within the block the model runs eager attention (the implementation that returns attention weights); the
+    previous implementation is put back after."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
 
 
 # Context-window extension without fine-tuning, through transformers' own rope scaling types.

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .models import cache_dir, package_dir
-from ..results.store import write_atomic
+from .._files import write_atomic
 
 BUNDLED_TEXT = "kjv"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..cache.hf import DynamicCache, StreamingCache
-from ..results.store import write_atomic
+from ..cache.hf import DynamicCache, StreamingCache, dense_layers
+from .._files import write_atomic
 
 
 def save(path: Path, cache) -> None:
@@ -28,9 +28,10 @@ def save(path: Path, cache) -> None:
                 if state[2] is not None:
                     tensors[f"{i}.sinks"] = state[2]
     elif isinstance(cache, DynamicCache):
-        meta = {"kind": "dynamic", "layers": len(cache.layers)}
-        for i, layer in enumerate(cache.layers):
-            tensors[f"{i}.keys"], tensors[f"{i}.values"] = layer.keys, layer.values
+        layers = dense_layers(cache)
+        meta = {"kind": "dynamic", "layers": len(layers)}
+        for i, (keys, values) in enumerate(layers):
+            tensors[f"{i}.keys"], tensors[f"{i}.values"] = keys, values
     else:
         raise TypeError(f"cannot checkpoint a {type(cache).__name__}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -18,36 +18,26 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..cache.hf import SinkCache, StreamBatch, WindowCache
+from ..cache.batch import StreamBatch
+from ..cache.hf import eager_attention, streaming_cache
+from ..inputs.paper import PAPER_SINKS, SINK_COUNTS
 from .quality import nll_dense, nll_recompute, stream_batch_nll_step, summarise
-from ..results.store import record
 
 PARTS = ("ppl", "sinks", "cache", "attention", "stability")
 
-# The paper's numbers, for the side-by-side table (report and README).
-PAPER = {
-    "ppl": {"setting": "Llama-2-13B, 65K tokens of PG19 (Table 1)", "cache": "1024",
-            "window": 5158.07, "sink": 5.40, "recompute": 5.43},
-    "sinks": {"setting": "Llama-2-7B, cache x+4092, 400K tokens of PG19 (Table 2)",
-              "values": {0: 3359.95, 1: 11.88, 2: 10.51, 4: 9.59, 8: 9.54}},
-    "cache": {"setting": "Llama-2-7B, 4 sinks, 400K tokens of PG19 (Table 6)",
-              "values": {512: 9.73, 1024: 9.32, 2048: 9.08, 4096: 9.59}},
-}
-
-
-@dataclass
+@dataclass(frozen=True)
 class PaperConfig:
-    parts: list[str] = field(default_factory=lambda: list(PARTS))
+    parts: tuple[str, ...] = PARTS
     tokens: int = 12_288  # parts 1 and 2: past the bundled model's 8,192-token pre-training window
-    cache: int = 256  # total cache for parts 1, 2 and 5
-    sinks: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
-    cache_sizes: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    cache: int = 256  # capacity (sinks + window) for parts 1, 2 and 5
+    sink_counts: tuple[int, ...] = SINK_COUNTS  # part 2: the sink counts compared at that capacity (Table 2)
+    cache_sizes: tuple[int, ...] = (256, 512, 1024, 2048)  # part 3: capacities at PAPER_SINKS sinks (Table 6)
     cache_tokens: int = 4_096  # part 3
     recompute_samples: int = 96
     attention_segments: int = 16
@@ -74,16 +64,19 @@ class PaperExperiment:
     def _done(self, key) -> bool:
         return self.writer.done(key) is not None
 
+    @staticmethod
+    def _identity(method, cache_size, sinks, tokens, experiment, kind="quality") -> dict:
+        """The first fields of a record, which identify it (`pystream.results.record_key`)."""
+        return {"record": kind, "method": method, "cache_size": cache_size, "sinks": sinks or 0, "length": tokens,
+                "mode": f"experiment:{experiment}"}
+
     def _quality(self, method, cache_size, sinks, nll, experiments, **extra) -> dict:
         sampled = extra.pop("sampled", False)
         tokens = len(nll) + 1
-        return record("quality", method=method, cache_size=cache_size, sinks=sinks, length=tokens,
-                      mode=f"experiment:{experiments[0]}", status="ok", tokens=tokens, sampled=sampled,
-                      experiments=experiments, **summarise(nll, sampled=sampled, bucket_tokens=self.cfg.chunk),
-                      pretraining_length=self.pretraining, **extra)
-
-    def _key(self, method, cache_size, sinks, tokens, experiment):
-        return ("quality", method, cache_size, tokens, f"experiment:{experiment}", sinks or 0)
+        return {**self._identity(method, cache_size, sinks, tokens, experiments[0]), "status": "ok",
+                "tokens": tokens, "sampled": sampled, "experiments": experiments,
+                **summarise(nll, sampled=sampled, bucket_tokens=self.cfg.chunk),
+                "pretraining_length": self.pretraining, **extra}
 
     def _stream_batch(self, name: str, caches: list, tokens: int) -> np.ndarray:
         """Stream `tokens` tokens of the text through every cache as one batch; per-token NLL `[rows, tokens-1]`.
@@ -137,32 +130,31 @@ class PaperExperiment:
         if "stability" in cfg.parts and cfg.stability_tokens:
             self.part_stability()
 
-    def _stream_caches(self, sinks: list[int], cache: int):
-        return [SinkCache(s, cache - s, self.model.config, device=self.device) if s
-                else WindowCache(cache, self.model.config, device=self.device) for s in sinks]
+    def _stream_caches(self, sinks: list[int], capacity: int):
+        return [streaming_cache(capacity, s, self.model.config, device=self.device) for s in sinks]
 
     def part_stream(self) -> None:
         """Parts 1 and 2 in one batch: every sink count at the same total cache, over the same tokens."""
         cfg = self.cfg
-        sinks = list(cfg.sinks) if "sinks" in cfg.parts else [0, 4]
-        for required in (0, 4):
+        sinks = list(cfg.sink_counts) if "sinks" in cfg.parts else [0, PAPER_SINKS]
+        for required in (0, PAPER_SINKS):
             if required not in sinks:
                 sinks.append(required)
-        keys = {s: self._key("sink" if s else "window", cfg.cache, s, cfg.tokens, "stream") for s in sinks}
+        keys = {s: self._identity("sink" if s else "window", cfg.cache, s, cfg.tokens, "stream") for s in sinks}
         todo = [s for s in sinks if not self._done(keys[s])]
         if not todo:
             return
         nll = self._stream_batch("sinks-and-window", self._stream_caches(todo, cfg.cache), cfg.tokens)
         for row, s in enumerate(todo):
-            experiments = ["stream"] + (["ppl"] if s in (0, 4) else []) + (["sinks"] if s in cfg.sinks else [])
-            experiments += ["stability"] if s == 4 else []
+            experiments = ["stream"] + (["ppl"] if s in (0, PAPER_SINKS) else [])
+            experiments += (["sinks"] if s in cfg.sink_counts else []) + (["stability"] if s == PAPER_SINKS else [])
             self.writer.append(self._quality("sink" if s else "window", cfg.cache, s, nll[row], experiments))
 
     def part_baselines(self) -> None:
         """Part 1's dense and recompute over the same tokens."""
         cfg = self.cfg
         x = self.text(cfg.tokens).to(self.device)
-        key = self._key("dense", None, 0, cfg.tokens, "ppl")
+        key = self._identity("dense", None, 0, cfg.tokens, "ppl")
         if not self._done(key):
             task = self.progress.add_task(f"dense over {cfg.tokens:,} tokens", total=cfg.tokens - 1)
             try:
@@ -170,7 +162,7 @@ class PaperExperiment:
             finally:
                 self.progress.remove_task(task)
             self.writer.append(self._quality("dense", None, 0, nll, ["ppl"]))
-        key = self._key("recompute", cfg.cache, 0, cfg.tokens, "ppl")
+        key = self._identity("recompute", cfg.cache, 0, cfg.tokens, "ppl")
         if not self._done(key):
             rng = random.Random(cfg.seed)
             positions = sorted(rng.sample(range(cfg.tokens - 1), min(cfg.recompute_samples, cfg.tokens - 1)))
@@ -185,30 +177,26 @@ class PaperExperiment:
     def part_cache(self) -> None:
         """Part 3: the cache size at 4 sinks, every size over the same tokens, as one batch."""
         cfg = self.cfg
-        sizes = [c for c in cfg.cache_sizes if not self._done(self._key("sink", c, 4, cfg.cache_tokens, "cache"))]
+        sizes = [c for c in cfg.cache_sizes
+                 if not self._done(self._identity("sink", c, PAPER_SINKS, cfg.cache_tokens, "cache"))]
         if not sizes:
             return
-        caches = [SinkCache(4, c - 4, self.model.config, device=self.device) for c in sizes]
+        caches = [streaming_cache(c, PAPER_SINKS, self.model.config, device=self.device) for c in sizes]
         nll = self._stream_batch("cache-sizes", caches, cfg.cache_tokens)
         for row, size in enumerate(sizes):
-            self.writer.append(self._quality("sink", size, 4, nll[row], ["cache"]))
+            self.writer.append(self._quality("sink", size, PAPER_SINKS, nll[row], ["cache"]))
 
     def part_attention(self) -> None:
         """Part 4: attention of real forwards on the text (eager attention, which returns the weights)."""
         cfg = self.cfg
-        key = ("attention", "dense", None, cfg.attention_tokens, "experiment:attention", 0)
+        key = self._identity("dense", None, 0, cfg.attention_tokens, "attention", kind="attention")
         if self._done(key):
             return
         n, segments = cfg.attention_tokens, cfg.attention_segments
         stride = max(n, len(self.ids) // segments)
         batch = torch.stack([self.text(n, offset=i * stride) for i in range(segments)]).to(self.device)
-        previous = self.model.config._attn_implementation
-        self.model.set_attn_implementation("eager")
-        try:
-            with torch.inference_mode():
-                out = self.model(batch, output_attentions=True, use_cache=False)
-        finally:
-            self.model.set_attn_implementation(previous)
+        with eager_attention(self.model), torch.inference_mode():
+            out = self.model(batch, output_attentions=True, use_cache=False)
         attentions = [a.float().mean(0).cpu() for a in out.attentions]  # per layer [heads, n, n], over segments
         skip = min(8, n // 4)  # the first queries can only look at the first tokens: leave them out of the share
         share_first = [[float(layer[h, skip:, 0].mean()) for h in range(layer.shape[0])] for layer in attentions]
@@ -217,57 +205,16 @@ class PaperExperiment:
         count = len(attentions)
         shown = sorted({0, 1, count // 2, count - 1})
         maps = {str(i): attentions[i].mean(0).tolist() for i in shown}
-        self.writer.append(record(
-            "attention", method="dense", cache_size=None, length=n, mode="experiment:attention", sinks=0,
-            status="ok", tokens=n, segments=segments, layers=count, heads=attentions[0].shape[0],
+        self.writer.append(dict(
+            key, status="ok", tokens=n, segments=segments, layers=count, heads=attentions[0].shape[0],
             share_first_token=share_first, share_first_4_tokens=share_first4, skipped_queries=skip,
             maps=maps, uniform_share=float(np.mean([1.0 / (q + 1) for q in range(skip, n)]))))
 
     def part_stability(self) -> None:
         """Part 5 on its own longer stream (sink cache, the cache's own positions)."""
         cfg = self.cfg
-        key = self._key("sink", cfg.cache, 4, cfg.stability_tokens, "stability")
+        key = self._identity("sink", cfg.cache, PAPER_SINKS, cfg.stability_tokens, "stability")
         if self._done(key):
             return
-        nll = self._stream_batch("stability", self._stream_caches([4], cfg.cache), cfg.stability_tokens)
-        self.writer.append(self._quality("sink", cfg.cache, 4, nll[0], ["stability"]))
-
-
-def paper_table(records: list[dict]) -> list[dict]:
-    """Rows of ours beside the paper's: {"finding", "setting", "ours", "paper"}."""
-    quality = [r for r in records if r.get("record") == "quality" and r.get("status") == "ok"]
-
-    def find(method, experiment, sinks=None, cache=None):
-        for r in quality:
-            if (r["method"] == method and experiment in (r.get("experiments") or [])
-                    and (sinks is None or (r.get("sinks") or 0) == sinks)
-                    and (cache is None or r.get("cache_size") == cache)):
-                return r
-        return None
-
-    rows = []
-    for method in ("window", "sink", "recompute", "dense"):
-        r = find(method, "ppl", sinks=0 if method == "window" else (4 if method == "sink" else None))
-        if r:
-            size = r.get("cache_size")
-            label = ("dense" if method == "dense" else f"window 0+{size}" if method == "window"
-                     else f"sink 4+{size - 4}" if method == "sink" else f"recompute {size}")
-            rows.append({"finding": "1. window vs sink vs recompute (PPL)",
-                         "setting": f"{label}, {r['tokens']:,} tokens" + (" (sampled)" if r.get("sampled") else ""),
-                         "ours": r["ppl"], "paper": PAPER["ppl"].get(method),
-                         "paper_setting": f"{PAPER['ppl']['setting']}, cache {PAPER['ppl']['cache']}"})
-    for s in (0, 1, 2, 4, 8):
-        r = find("sink" if s else "window", "sinks", sinks=s)
-        if r:
-            rows.append({"finding": "2. number of sinks (PPL)", "setting": f"{s}+{r['cache_size'] - s}",
-                         "ours": r["ppl"], "paper": PAPER["sinks"]["values"].get(s),
-                         "paper_setting": PAPER["sinks"]["setting"]})
-    paper_sizes = sorted(PAPER["cache"]["values"])
-    ours_sizes = sorted({r["cache_size"] for r in quality if "cache" in (r.get("experiments") or [])})
-    for rank, size in enumerate(ours_sizes):
-        r = find("sink", "cache", cache=size)
-        paper_size = paper_sizes[rank] if rank < len(paper_sizes) else None
-        rows.append({"finding": "3. cache size at 4 sinks (PPL)", "setting": f"4+{size - 4}",
-                     "ours": r["ppl"], "paper": PAPER["cache"]["values"].get(paper_size),
-                     "paper_setting": f"{PAPER['cache']['setting']}: 4+{paper_size - 4}" if paper_size else ""})
-    return rows
+        nll = self._stream_batch("stability", self._stream_caches([PAPER_SINKS], cfg.cache), cfg.stability_tokens)
+        self.writer.append(self._quality("sink", cfg.cache, PAPER_SINKS, nll[0], ["stability"]))

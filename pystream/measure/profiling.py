@@ -11,19 +11,11 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
-from ..cache.hf import DynamicCache
+from ..cache.kv import BOOKKEEPING, CACHE_UPDATE, REROTATE
 
+# The driver's ranges; the cache's (update, bookkeeping, re-rotation) are named in pystream.cache.kv, and the dense
+# cache's update range by pystream.cache.hf.ProfiledDynamicCache.
 STEP, FORWARD, LOGITS = "pystream::step", "pystream::forward", "pystream::logits"
-CACHE_UPDATE, BOOKKEEPING, REROTATE = "pystream::cache_update", "pystream::bookkeeping", "pystream::rerotate"
-# The breakdown's parts, in the order the report stacks them; together they make up the step.
-
-
-class ProfiledDynamicCache(DynamicCache):
-    """transformers' DynamicCache with its update in a named profiler range (a subclass, nothing patched)."""
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        with record_function(CACHE_UPDATE):
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 def split_forward(model, input_ids, **kwargs) -> torch.Tensor:

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from .baselines import recompute_logits
-from ..cache.hf import DynamicCache, StreamBatch, StreamingCache
+from ..cache.batch import StreamBatch
+from ..cache.hf import StreamingCache, dense_cache
 from ..cache.streaming import prefill
 
 
@@ -48,7 +49,7 @@ def nll_dense(model, ids: torch.Tensor, *, chunk: int = 1024, on_step: Callable[
     to everything before it."""
     ids = ids.view(1, -1)
     n = ids.shape[1]
-    cache = DynamicCache(config=model.config)
+    cache = dense_cache(model.config)
     out = np.empty(n - 1, dtype=np.float64)
     for start in range(0, n - 1, chunk):
         stop = min(start + chunk, n - 1)
@@ -60,15 +61,16 @@ def nll_dense(model, ids: torch.Tensor, *, chunk: int = 1024, on_step: Callable[
 
 
 @torch.inference_mode()
-def nll_recompute(model, ids: torch.Tensor, window: int, positions=None, *,
+def nll_recompute(model, ids: torch.Tensor, context: int, positions=None, *,
                   on_step: Callable[[int], None] | None = None) -> np.ndarray:
-    """Sliding window with re-computation at the given prediction indices (default: all); NaN elsewhere."""
+    """Sliding window with re-computation over a `context` of tokens, at the given prediction indices (default:
+    all); NaN elsewhere."""
     ids = ids.view(1, -1)
     n = ids.shape[1]
     out = np.full(n - 1, np.nan)
     indices = range(n - 1) if positions is None else positions
     for i in indices:
-        logits = recompute_logits(model, ids[:, : i + 1], window)
+        logits = recompute_logits(model, ids[:, : i + 1], context)
         out[i] = _token_nll(logits, ids[0, i + 1:i + 2]).item()
         if on_step is not None:
             on_step(i)

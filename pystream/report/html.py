@@ -1,4 +1,5 @@
-"""pystream-report: an HTML report from saved results alone (no model is loaded).
+"""pystream-report: an HTML report from saved results alone (no model is loaded; this package imports only
+`pystream.results`, never torch, transformers or the C++ extension).
 
 One self-contained file: plotly.js embedded once, nothing fetched, opens offline. Given several run directories it
 shows them side by side with the ratio per cell (a regression view between commits or machines).
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..results.store import ResultsError, Run, cache_label, load_run, peak_bytes, write_atomic
+from ..results import ResultsError, Run, cache_label, load_run, peak_bytes, write_atomic
+from ..results.paper import paper_table
 
 MIB = 1024**2
 # One colour per method across every figure.
@@ -311,7 +313,9 @@ def fig_cache_sizes(runs):
         fig.add_trace(go.Scatter(x=[r["cache_size"] for r in recs], y=[r["ppl"] for r in recs],
                                  mode="lines+markers+text", text=[f"{r['ppl']:.2f}" for r in recs],
                                  textposition="top center", name=esc(label), line=dict(color=METHOD_COLORS["sink"]),
-                                 hovertemplate="cache 4+%{x}<br>PPL %{y:.3f}<extra></extra>"))
+                                 # x is the capacity; the label is sinks+window ("4+252" for 256), like the tables
+                                 customdata=[cache_label(r) for r in recs],
+                                 hovertemplate="cache %{customdata}<br>PPL %{y:.3f}<extra></extra>"))
     if not fig.data:
         return None
     fig.update_xaxes(type="log", title_text="total cache size (tokens, 4 of them sinks)")
@@ -380,8 +384,6 @@ def fig_attention_share(runs):
 
 
 def paper_table_html(runs) -> str:
-    from ..measure.experiments import paper_table
-
     rows = paper_table(runs[0][1].records) if runs else []
     if not rows:
         return ""

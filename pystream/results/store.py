@@ -18,66 +18,20 @@ the record being measured. A torn last line (killed mid-write) is ignored on rea
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
-import math
 import os
 from dataclasses import dataclass
-import tempfile
 from pathlib import Path
-from typing import Callable
 
-SCHEMA = "pystream.results"
-SCHEMA_VERSION = 1
+from .._files import write_atomic, write_text_atomic
+from .schema import ResultsError, check_version, record, record_key
+
+__all__ = ["RESULTS", "META", "LOCK", "read_results", "read_meta", "Run", "load_run", "RunWriter", "write_atomic"]
+
 RESULTS = "results.jsonl"
 META = "run.json"
 LOCK = ".lock"
-
-
-class ResultsError(Exception):
-    """A results file or run directory cannot be used; the message names the file and the problem."""
-
-
-def _clean(value):
-    """JSON has no NaN or infinity: store them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def record(kind: str, **fields) -> dict:
-    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "record": kind, **_clean(fields)}
-
-
-def cache_label(rec: dict) -> str:
-    """How a record's cache reads: "4+1020" with sinks, "1024" without, "" when it has none (dense)."""
-    if rec.get("cache_size") is None:
-        return ""
-    if rec.get("sinks"):
-        return f"{rec['sinks']}+{rec['cache_size'] - rec['sinks']}"
-    return str(rec["cache_size"])
-
-
-def cell_key(rec: dict) -> tuple:
-    """What identifies a record across a resume."""
-    return (rec.get("record"), rec.get("method"), rec.get("cache_size"), rec.get("length"), rec.get("mode"),
-            rec.get("sinks") or 0)
-
-
-def _check_version(rec: dict, where: str) -> None:
-    if rec.get("schema") != SCHEMA:
-        raise ResultsError(f"{where}: not a pystream results record (schema {rec.get('schema')!r})")
-    version = rec.get("schema_version")
-    if not isinstance(version, int):
-        raise ResultsError(f"{where}: record has no integer schema_version")
-    if version > SCHEMA_VERSION:
-        raise ResultsError(f"{where}: written by a newer pystream (schema_version {version}, this one reads up to "
-                           f"{SCHEMA_VERSION}); upgrade pystream")
 
 
 def read_results(path: Path) -> tuple[list[dict], int]:
@@ -107,7 +61,7 @@ def read_results(path: Path) -> tuple[list[dict], int]:
             break  # a complete record always ends with a newline; without one it may be cut short
         if not isinstance(rec, dict):
             raise ResultsError(f"{path}:{number}: a record must be a JSON object")
-        _check_version(rec, f"{path}:{number}")
+        check_version(rec, f"{path}:{number}")
         records.append(rec)
         valid += len(line) + 1
     return records, valid
@@ -125,7 +79,7 @@ def read_meta(run_dir: Path) -> dict:
         raise ResultsError(f"{path}: invalid JSON ({err})") from None
     if not isinstance(meta, dict):
         raise ResultsError(f"{path}: must hold a JSON object")
-    _check_version(meta, str(path))
+    check_version(meta, str(path))
     return meta
 
 
@@ -183,7 +137,7 @@ class RunWriter:
         if not os.access(self.path, os.W_OK):
             raise ResultsError(f"{self.path}: not writable")
         self._lock()
-        _write_atomic(self.path / META, json.dumps(meta, indent=2) + "\n")
+        write_text_atomic(self.path / META, json.dumps(meta, indent=2) + "\n")
         (self.path / RESULTS).touch()
 
     def _open_existing(self, meta: dict) -> None:
@@ -204,16 +158,21 @@ class RunWriter:
                 handle.truncate(valid)
         self.records = records
         meta = dict(meta, resumed_from=old.get("started"), runs=old.get("runs", 1) + 1)
-        _write_atomic(self.path / META, json.dumps(meta, indent=2) + "\n")
+        write_text_atomic(self.path / META, json.dumps(meta, indent=2) + "\n")
 
     # -- writing ----------------------------------------------------------------------------------------------------
-    def done(self, rec_key: tuple) -> dict | None:
+    def done(self, identity: dict) -> dict | None:
+        """The finished record with the identity (`record_key`) of `identity`, a record or the start of one."""
+        key = record_key(identity)
         for rec in self.records:
-            if cell_key(rec) == rec_key:
+            if record_key(rec) == key:
                 return rec
         return None
 
-    def append(self, rec: dict) -> None:
+    def append(self, measured: dict) -> dict:
+        """Write one measurement (`{"record": kind, ...fields}`, as the drivers make them) as a schema-stamped
+        record; returns the record."""
+        rec = record(measured["record"], **{k: v for k, v in measured.items() if k != "record"})
         line = (json.dumps(rec, separators=(",", ":")) + "\n").encode("utf-8")
         fd = os.open(self.path / RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -222,35 +181,10 @@ class RunWriter:
         finally:
             os.close(fd)
         self.records.append(rec)
+        return rec
 
     def close(self) -> None:
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None
-
-
-def write_atomic(path, write: Callable[[Path], object]) -> None:
-    """Write `path` all at once: `write(tmp)` fills a temporary file beside it (same suffix), which then replaces
-    `path`, so that a reader or a crash never sees half a file; the temporary is removed if writing fails."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def peak_bytes(rec: dict) -> int | None:
-    """A cell's peak memory: torch's max allocated on a GPU, the process's peak RSS on the CPU."""
-    return rec.get("cuda_max_allocated_bytes") or rec.get("peak_rss_bytes")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .store import cache_label, peak_bytes
+from .schema import cache_label, peak_bytes
 
 MIB = 1024**2
 

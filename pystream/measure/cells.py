@@ -1,0 +1,239 @@
+"""The method registry: each method of `pystream-bench` is an object that puts a model in the state a stream of L
+tokens leaves, times its decode steps there, and measures its per-token NLL. `REGISTRY` maps the method names to
+them; `method(name)` also resolves the context-extension baselines `dense-pi:F`, `dense-ntk:F`, `dense-yarn:F`.
+
+Methods are settings of a few mechanisms, as in attention_sinks: "sink" is a streaming cache of capacity C with S
+sinks, "window" the same with none (the paper's window attention), "dense" transformers' DynamicCache, "recompute"
+runs the model on the last C tokens (its context) from scratch for every new token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import time
+
+import numpy as np
+import torch
+
+from ..cache.batch import StreamBatch
+from ..cache.hf import decode_attention_mask, dense_cache, dense_kv_bytes, rope_scaled, streaming_cache
+from ..cache.streaming import prefill
+from . import clocks
+from .baselines import recompute_logits
+from .quality import nll_dense, nll_recompute, nll_streaming, stream_batch_nll_step
+
+# Dense attention with the model's RoPE scaled to a longer window (transformers' own rope scaling types):
+# "dense-pi:4" (linear position interpolation), "dense-ntk:4" (dynamic NTK), "dense-yarn:4" (YaRN).
+SCALED_DENSE = re.compile(r"dense-(pi|ntk|yarn):(\d+(?:\.\d+)?)")
+
+
+class CellMethod:
+    """What every method answers; the subclasses say how."""
+
+    name: str
+    has_capacity = True  # a cell per capacity (dense has none: one cell per length)
+    rope_scaling: tuple[str, float] | None = None
+
+    def sinks(self, cfg) -> int:
+        """The sinks this method keeps (records carry them; 0 but for sink)."""
+        return 0
+
+    def mode(self, cfg) -> str:
+        return cfg.mode
+
+    def kv_bytes_needed(self, bench, tokens: int, streams: int) -> int | None:
+        """Bytes of KV cache the method will allocate for `streams` streams of `tokens`, when it grows with them
+        (checked against free memory before anything is allocated)."""
+        return None
+
+    def context(self, bench):
+        """The context the method runs in (its RoPE scaling for the scaled dense baselines)."""
+        return contextlib.nullcontext()
+
+    def time_cell(self, bench, capacity: int | None, length: int) -> dict:
+        """Reach the state of a stream of `length` tokens and time decode steps there: {latencies_ms, kv_bytes,
+        setup_s, ...}."""
+        raise NotImplementedError
+
+    def nll(self, bench, capacity: int | None, x: torch.Tensor, progress) -> tuple[np.ndarray, dict]:
+        """Per-token NLL over `x` and the fields that describe how it was measured."""
+        raise NotImplementedError
+
+
+class StreamingMethod(CellMethod):
+    """sink (S sinks) and window (none): a `SinkCache` / `WindowCache` of the cell's capacity."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def sinks(self, cfg) -> int:
+        return cfg.sinks if self.name == "sink" else 0
+
+    def build(self, bench, capacity: int, **kwargs):
+        return streaming_cache(capacity, self.sinks(bench.cfg), bench.config, device=bench.device, **kwargs)
+
+    def reach(self, bench, cache, length: int, label: str) -> None:
+        """Bring the cache to the state a stream of `length` tokens leaves."""
+        S, capacity = cache.num_sinks, cache.capacity
+        if bench.cfg.mode == "stream" or length <= capacity:
+            def feed(position, end):
+                # what fits before eviction in one exact chunk, then one token per forward
+                count = max(1, min(end - position, capacity - position)) if position < capacity else 1
+                prefill(bench.model, cache, bench.tokens.get(position, count))
+                return count
+
+            bench.stream_tokens(cache, length, label, feed)
+            return
+        # state mode: the first S tokens and the W before `length` in one exact chunk, then jump the counters
+        chunk = torch.cat([bench.tokens.first(S), bench.tokens.get(length - cache.window, cache.window)], dim=1)
+        with torch.inference_mode():
+            bench.model(chunk, cache=cache, position_ids=cache.position_ids(chunk.shape[1]))
+        cache.fast_forward(length, keep_window=True)
+
+    def time_cell(self, bench, capacity, length):
+        cache = self.build(bench, capacity, batch_size=bench.cfg.batch)
+        label = f"{self.name} {capacity} @ {length}"
+        _, setup_ms = clocks.timed(bench.device, lambda: self.reach(bench, cache, length, label))
+        reached = cache.seen()  # where timing starts: the state a stream of `length` tokens leaves
+        mask = decode_attention_mask(bench.model, bench.cfg.batch, cache.capacity)
+
+        def step(x):
+            full = cache.kv.attended(1) == cache.capacity
+            return bench.forward(x, cache=cache, position_ids=cache.position_ids(1),
+                                 attention_mask=mask if full else None)
+
+        latencies = bench.decode(step, length, f"{self.name} {capacity} @ {length:,}: decoding")
+        result = dict(latencies_ms=latencies, kv_bytes=cache.kv_bytes, setup_s=setup_ms / 1e3,
+                      stream_position=reached, frame_base=cache.ring.frame_base(0),
+                      evicted=max(0, reached - cache.capacity))
+        if bench.cfg.profile:
+            result["profile"] = bench.profile(step, length + bench.cfg.warmup + bench.cfg.steps, label, cache)
+        return result
+
+    def nll(self, bench, capacity, x, progress):
+        """Token by token. When both sink and window are asked for, they stream together as one batch of two (one
+        forward per token for both); the other one's result is kept for its turn."""
+        key = (self.name, capacity, x.shape[0])
+        if key in bench.streamed:
+            return bench.streamed.pop(key), {}
+        together = [m for m in (SINK, WINDOW) if m.name in bench.cfg.methods]
+        if len(together) < 2:
+            return nll_streaming(bench.model, self.build(bench, capacity), x, on_step=progress), {}
+        n = x.shape[0]
+        batch = StreamBatch([m.build(bench, capacity) for m in together])
+        out = np.full((len(together), n - 1), np.nan)
+        with torch.inference_mode():
+            for t in range(n - 1):
+                out[:, t] = stream_batch_nll_step(bench.model, batch, x[t], x[t + 1])
+                progress(t)
+        bench.streamed = {(m.name, capacity, n): out[i] for i, m in enumerate(together) if m is not self}
+        return out[together.index(self)], {}
+
+
+class DenseMethod(CellMethod):
+    """transformers' DynamicCache: every token kept; optionally with the model's RoPE scaled (dense-pi:F, ...)."""
+
+    has_capacity = False
+
+    def __init__(self, name: str = "dense", rope_scaling: tuple[str, float] | None = None):
+        self.name, self.rope_scaling = name, rope_scaling
+
+    def kv_bytes_needed(self, bench, tokens, streams):
+        return tokens * clocks.kv_bytes_per_token(bench.config, bench.dtype) * streams
+
+    def context(self, bench):
+        return rope_scaled(bench.model, *self.rope_scaling) if self.rope_scaling else contextlib.nullcontext()
+
+    def time_cell(self, bench, capacity, length):
+        cache = dense_cache(bench.config, profiled=bench.cfg.profile)
+        model = bench.model
+        # state mode: prefill in exact chunks (dense attends to everything before a chunk); stream: token by token
+        chunk = 1 if bench.cfg.mode == "stream" else 1024
+
+        def feed(position, end):
+            count = min(chunk, end - position)
+            with torch.inference_mode():
+                model(bench.tokens.get(position, count), cache=cache, use_cache=True)
+            return count
+
+        started = time.perf_counter()
+        bench.stream_tokens(cache, length, f"dense @ {length}", feed)
+        setup = time.perf_counter() - started
+        reached = cache.get_seq_length()
+        kv_bytes = dense_kv_bytes(cache)
+
+        def step(x):
+            mask = decode_attention_mask(model, bench.cfg.batch, cache.get_seq_length() + 1)
+            return bench.forward(x, cache=cache, use_cache=True, attention_mask=mask)
+
+        latencies = bench.decode(step, length, f"dense @ {length:,}: decoding")
+        result = dict(latencies_ms=latencies, kv_bytes=kv_bytes, setup_s=setup, stream_position=reached)
+        if bench.cfg.profile:
+            result["profile"] = bench.profile(step, length + bench.cfg.warmup + bench.cfg.steps, f"dense @ {length}")
+        return result
+
+    def nll(self, bench, capacity, x, progress):
+        with self.context(bench):
+            return nll_dense(bench.model, x, on_step=progress), {}
+
+
+class RecomputeMethod(CellMethod):
+    """Sliding window with re-computation: no cache; each step runs the model on its context, the last C tokens."""
+
+    name = "recompute"
+
+    def mode(self, cfg) -> str:
+        return "stateless"
+
+    def time_cell(self, bench, context, length):
+        position = length  # the token the next step predicts after
+
+        def step(x):
+            nonlocal position
+            start = max(0, position + 1 - context)
+            window = bench.tokens.get(start, position + 1 - start)
+            position += 1
+            if bench.profiling:
+                positions = torch.arange(window.shape[1], device=window.device).expand(window.shape[0], -1)
+                return bench.forward(window, position_ids=positions, use_cache=False)
+            return recompute_logits(bench.model, window, context)
+
+        latencies = bench.decode(step, length, f"recompute {context} @ {length:,}: decoding")
+        result = dict(latencies_ms=latencies, kv_bytes=0, setup_s=0.0)
+        if bench.cfg.profile:
+            result["profile"] = bench.profile(step, length + bench.cfg.warmup + bench.cfg.steps,
+                                              f"recompute {context} @ {length}")
+        return result
+
+    def nll(self, bench, context, x, progress):
+        cfg, n = bench.cfg, x.shape[0]
+        sample = cfg.recompute_ppl == "sample" or (cfg.recompute_ppl == "auto" and bench.device.type == "cpu")
+        positions, fields = None, {"sampled": False, "sample_size": None}
+        if sample and cfg.recompute_samples < n - 1:
+            positions = sorted(random.Random(cfg.seed).sample(range(n - 1), cfg.recompute_samples))
+            fields = {"sampled": True, "sample_size": len(positions)}
+            progress = progress.counting(len(positions))
+        return nll_recompute(bench.model, x, context, positions, on_step=progress), fields
+
+
+SINK, WINDOW = StreamingMethod("sink"), StreamingMethod("window")
+REGISTRY: dict[str, CellMethod] = {"sink": SINK, "window": WINDOW, "recompute": RecomputeMethod(),
+                                   "dense": DenseMethod()}
+METHODS = tuple(REGISTRY)
+
+
+def method(name: str) -> CellMethod:
+    """The method called `name`: one of `REGISTRY`, or a scaled dense baseline (dense-pi:F, dense-ntk:F,
+    dense-yarn:F). KeyError for anything else."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    match = SCALED_DENSE.fullmatch(name)
+    if match is None:
+        raise KeyError(name)
+    return DenseMethod(name, (match.group(1), float(match.group(2))))
+
+
+def is_dense(name: str) -> bool:
+    return name == "dense" or SCALED_DENSE.fullmatch(name) is not None

@@ -1,0 +1,5 @@
+import sys
+
+from .html import main
+
+sys.exit(main())

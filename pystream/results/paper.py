@@ -1,0 +1,46 @@
+"""Our numbers beside the paper's: the table the CLI prints after `--experiment paper` and the report shows, from
+the records alone."""
+
+from __future__ import annotations
+
+from ..inputs.paper import PAPER
+
+
+def paper_table(records: list[dict]) -> list[dict]:
+    """Rows of ours beside the paper's: {"finding", "setting", "ours", "paper"}."""
+    quality = [r for r in records if r.get("record") == "quality" and r.get("status") == "ok"]
+
+    def find(method, experiment, sinks=None, cache=None):
+        for r in quality:
+            if (r["method"] == method and experiment in (r.get("experiments") or [])
+                    and (sinks is None or (r.get("sinks") or 0) == sinks)
+                    and (cache is None or r.get("cache_size") == cache)):
+                return r
+        return None
+
+    rows = []
+    for method in ("window", "sink", "recompute", "dense"):
+        r = find(method, "ppl", sinks=0 if method == "window" else (4 if method == "sink" else None))
+        if r:
+            size = r.get("cache_size")
+            label = ("dense" if method == "dense" else f"window 0+{size}" if method == "window"
+                     else f"sink 4+{size - 4}" if method == "sink" else f"recompute {size}")
+            rows.append({"finding": "1. window vs sink vs recompute (PPL)",
+                         "setting": f"{label}, {r['tokens']:,} tokens" + (" (sampled)" if r.get("sampled") else ""),
+                         "ours": r["ppl"], "paper": PAPER["ppl"].get(method),
+                         "paper_setting": f"{PAPER['ppl']['setting']}, cache {PAPER['ppl']['cache']}"})
+    for s in (0, 1, 2, 4, 8):
+        r = find("sink" if s else "window", "sinks", sinks=s)
+        if r:
+            rows.append({"finding": "2. number of sinks (PPL)", "setting": f"{s}+{r['cache_size'] - s}",
+                         "ours": r["ppl"], "paper": PAPER["sinks"]["values"].get(s),
+                         "paper_setting": PAPER["sinks"]["setting"]})
+    paper_sizes = sorted(PAPER["cache"]["values"])
+    ours_sizes = sorted({r["cache_size"] for r in quality if "cache" in (r.get("experiments") or [])})
+    for rank, size in enumerate(ours_sizes):
+        r = find("sink", "cache", cache=size)
+        paper_size = paper_sizes[rank] if rank < len(paper_sizes) else None
+        rows.append({"finding": "3. cache size at 4 sinks (PPL)", "setting": f"4+{size - 4}",
+                     "ours": r["ppl"], "paper": PAPER["cache"]["values"].get(paper_size),
+                     "paper_setting": f"{PAPER['cache']['setting']}: 4+{paper_size - 4}" if paper_size else ""})
+    return rows
