@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 
@@ -40,6 +41,20 @@ def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
     model.eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def tiny_alibi_model(arch, attn="eager", seed=0):
+    from transformers import AutoModelForCausalLM, BloomConfig, MptConfig
+
+    if arch == "bloom":
+        config = BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, initializer_range=0.1)
+    else:
+        config = MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=256,
+                           initializer_range=0.1)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
     model.set_attn_implementation(attn)
     return model
 
@@ -89,3 +104,55 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "genesis.txt"
     path.write_text(TEXT, encoding="utf-8")
     return path
+
+
+# ---- driving pystream-bench and the drivers from tests ----
+
+def run_cli(args, capsys):
+    """pystream-bench in this process: (exit code, stdout, stderr)."""
+    from pystream.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_records(run_dir):
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+def tiny_args(model_dir, text, out, *extra):
+    return ["--model", model_dir, "--text", text, "--out", out, "--lengths", "100,1k", "--cache-sizes", "16,32",
+            "--steps", "4", "--warmup", "1", "--ppl-tokens", "120", "--no-report", *extra]
+
+
+class InterruptAfter:
+    """A stand-in for the rich progress bar that interrupts the run after some steps."""
+
+    def __init__(self, steps=None):
+        self.steps, self.count = steps, 0
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, *a, **k):
+        self.count += 1
+        if self.steps is not None and self.count == self.steps:
+            raise KeyboardInterrupt
+
+    def update(self, *a, **k):
+        pass
+
+    def remove_task(self, *a, **k):
+        pass
+
+
+class Writer:
+    def __init__(self):
+        self.records = []
+
+    def done(self, key):
+        return None
+
+    def append(self, rec):
+        self.records.append(rec)

@@ -5,23 +5,10 @@ import pytest
 import torch
 
 from pystream import SinkCache, WindowCache
+from conftest import tiny_alibi_model
 from reference import AlibiReferenceCache
 
 S, W = 4, 64
-
-
-def tiny_alibi_model(arch, attn="eager", seed=0):
-    from transformers import AutoModelForCausalLM, BloomConfig, MptConfig
-
-    if arch == "bloom":
-        config = BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, initializer_range=0.1)
-    else:
-        config = MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=256,
-                           initializer_range=0.1)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    model.set_attn_implementation(attn)
-    return model
 
 
 def stream_both(model, ids, cache, ref):

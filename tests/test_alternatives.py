@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 from pystream import SinkCache, UnsupportedModelError
 from pystream.cache.hf import rope_scaled
-from test_cli import run_cli
+from conftest import run_cli
 
 
 def logits(model, ids):
@@ -46,7 +46,7 @@ def test_dynamic_ntk_changes_nothing_inside_the_window_and_yarn_scales_attention
 
 
 def test_scaling_refuses_what_it_cannot_do():
-    from test_alibi import tiny_alibi_model
+    from conftest import tiny_alibi_model
 
     with pytest.raises(ValueError, match="unknown RoPE scaling"):
         with rope_scaled(tiny_model("llama"), "longer", 2):

@@ -62,7 +62,7 @@ def test_paper_findings_direction_on_a_short_stream(bundled):
     """Findings 1 and 2 through the experiment's own code, over 768 tokens at a total cache of 128: window attention
     (0 sinks) is far worse than 4 sinks, and one sink already recovers most of the gap."""
     from pystream.measure.experiments import PaperConfig, PaperExperiment
-    from test_experiments import InterruptAfter, Writer
+    from conftest import InterruptAfter, Writer
 
     loaded, ids = bundled
     cfg = PaperConfig(parts=("sinks",), tokens=768, cache=128, sink_counts=(0, 1, 4))

@@ -10,23 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TEXT, char_tokenizer, save_tiny_model, tiny_model
-from pystream.cli import main
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def read_records(run_dir):
-    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
-
-
-def tiny_args(model_dir, text, out, *extra):
-    return ["--model", model_dir, "--text", text, "--out", out, "--lengths", "100,1k", "--cache-sizes", "16,32",
-            "--steps", "4", "--warmup", "1", "--ppl-tokens", "120", "--no-report", *extra]
-
+from conftest import TEXT, char_tokenizer, read_records, run_cli, save_tiny_model, tiny_args, tiny_model
 
 def test_end_to_end_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "run"

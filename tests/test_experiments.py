@@ -13,7 +13,7 @@ from pystream.cache.batch import StreamBatch
 from pystream.measure.experiments import PaperConfig, PaperExperiment
 from pystream.results.paper import paper_table
 from conftest import save_tiny_model
-from test_cli import run_cli
+from conftest import run_cli
 
 
 def stream_single(model, cache, ids):
@@ -41,38 +41,6 @@ def test_stream_batch_rows_equal_single_runs(capacities):
     for row, (s, c) in enumerate(settings):
         single = stream_single(model, make(s, c), ids)
         assert (batched[row] - single).abs().max().item() <= 1e-4
-
-
-class InterruptAfter:
-    """A stand-in for the rich progress bar that interrupts the run after some steps."""
-
-    def __init__(self, steps=None):
-        self.steps, self.count = steps, 0
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def advance(self, *a, **k):
-        self.count += 1
-        if self.steps is not None and self.count == self.steps:
-            raise KeyboardInterrupt
-
-    def update(self, *a, **k):
-        pass
-
-    def remove_task(self, *a, **k):
-        pass
-
-
-class Writer:
-    def __init__(self):
-        self.records = []
-
-    def done(self, key):
-        return None
-
-    def append(self, rec):
-        self.records.append(rec)
 
 
 def test_interrupted_stream_resumes_from_its_checkpoint(tmp_path):

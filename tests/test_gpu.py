@@ -100,7 +100,7 @@ def test_positions_stay_right_while_the_host_runs_ahead():
 
 def test_bench_on_cuda_reports_gpu_memory(tmp_path, capsys):
     from conftest import save_tiny_model
-    from test_cli import read_records, run_cli
+    from conftest import read_records, run_cli
 
     folder = save_tiny_model(tmp_path / "m")
     text = tmp_path / "t.txt"

@@ -8,7 +8,7 @@ import sys
 import time
 
 from pystream.results import read_results
-from test_cli import run_cli
+from conftest import run_cli
 
 SLOW_ARGS = ["--methods", "sink,window", "--lengths", "100,200,300", "--cache-sizes", "32", "--steps", "1500",
              "--warmup", "1", "--ppl-tokens", "0", "--no-report"]

@@ -35,7 +35,7 @@ class LoadedModel:
     tokenizer: object
     name: str  # what the user asked for, as shown in results
     kind: str  # "bundled", "gguf", "folder" or "hub"
-    source: str  # path or hub id actually loaded
+    source: str  # what was loaded: package/file for the bundled model, else the path or hub id
     load_seconds: float
     converted_from_cache: bool = False
 
@@ -56,6 +56,12 @@ def package_dir(package: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_relative(path: Path, package: str) -> str:
+    """`path` inside an installed package as `package/...`: what results record for the bundled model and text, so
+    that a run carries no path of the machine it ran on."""
+    return Path(package, Path(path).relative_to(package_dir(package))).as_posix()
 
 
 def bundled_gguf() -> Path:
@@ -180,7 +186,7 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: str | tor
         kind, gguf = "bundled", bundled_gguf()
         folder, cached = convert_gguf(gguf, progress=progress)
         model, tokenizer = _load_folder(folder, torch_dtype, device, attn_implementation, False)
-        source = str(gguf)
+        source = package_relative(gguf, _BUNDLED_PACKAGE)
     elif spec.endswith(".gguf") or Path(spec).suffix == ".gguf":
         gguf = Path(spec).expanduser()
         if not gguf.is_file():

