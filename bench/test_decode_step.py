@@ -78,12 +78,15 @@ def make_step(model, method, capacity):
 @pytest.mark.parametrize("capacity", CAPACITIES)
 @pytest.mark.parametrize("method", ["sink", "window", "static", "dense", "paper"])
 def test_decode_step(record, model, method, capacity):
+    """Records only: a decode step per cache, for --benchmark-compare against a stored run; gates nothing here
+    (the sink-vs-static gate below times its own interleaved loop)."""
     record(make_step(model, method, capacity), key=f"step_{method}_{capacity}", method=method, capacity=capacity,
            dtype="float32", device="cpu", op="decode_step")
 
 
 @pytest.mark.parametrize("capacity", [1024])
 def test_recompute_step(benchmark, model, capacity):
+    """Records only: one recompute step over its context, for --benchmark-compare; gates nothing here."""
     context = _tokens(capacity)
     benchmark.extra_info.update(method="recompute", capacity=capacity, dtype="float32", device="cpu",
                                 op="recompute_step", threads=torch.get_num_threads())
