@@ -191,3 +191,20 @@ def test_profile_writes_traces_and_a_breakdown(tiny_model_dir, text_file, tmp_pa
     assert cells["sink"]["profile"]["ms_per_step"]["bookkeeping_ms"] > 0
     assert cells["sink"]["profile"]["ms_per_step"]["rerotate_ms"] > 0
     assert cells["recompute"]["profile"]["ms_per_step"]["cache_update_ms"] == 0
+
+
+def test_validate_returns_a_frozen_config_and_leaves_args_alone(tmp_path):
+    import dataclasses
+
+    from pystream.cli import RunConfig, build_parser, validate
+
+    args = build_parser().parse_args(["--lengths", "4k,1M", "--cache-sizes", "256,1k", "--out", str(tmp_path / "r"),
+                                      "--experiment", "paper"])
+    before = dict(vars(args))
+    config = validate(args)
+    assert vars(args) == before  # threads, parts, ... resolved into the config, not written back
+    assert isinstance(config, RunConfig) and config.lengths == (4096, 1024**2) and config.cache_sizes == (256, 1024)
+    assert config.threads >= 1 and config.parts == ("ppl", "sinks", "cache", "attention", "stability")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.sinks = 8
+    assert not (tmp_path / "r").exists()

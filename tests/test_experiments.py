@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import InterruptAfter, Writer, run_cli, save_tiny_model, tiny_model
 from pystream import SinkCache, WindowCache
 from pystream.cache.batch import StreamBatch
 from pystream.measure.experiments import PaperConfig, PaperExperiment
 from pystream.results.paper import paper_table
-from conftest import save_tiny_model
-from conftest import run_cli
 
 
 def stream_single(model, cache, ids):

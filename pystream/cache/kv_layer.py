@@ -16,7 +16,7 @@ class KVLayer:
     place. `sink_store`: `[batch, kv_heads, num_sinks, head_dim]`, the sink keys rotated at positions 0..S-1."""
 
     @persistent
-    def __init__(self, kv: "StreamingKV", layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+    def __init__(self, kv, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         batch, heads, _, head_dim = key_states.shape
         cap, sinks = kv.capacity, kv.num_sinks
         self.layer_idx = layer_idx
