@@ -17,7 +17,6 @@ import contextlib
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.autograd.profiler import record_function
 
@@ -259,9 +258,9 @@ class StreamingKV:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.ring = SinkRing(batch_size, self.num_sinks, self.window, self.rebase_interval)
-        self._out = {name: np.zeros(batch_size, dtype=np.int64)
-                     for name in ("slot", "evicted", "position", "sink_shift", "pending_shift", "occupied")}
-        self.ring.bind_outputs(**self._out)
+        # Read-only views of the arrays the ring owns and each step() overwrites (slot, sink_shift, pending_shift,
+        # occupied): the core never writes into memory of ours.
+        self._out = self.ring.outputs
         return self.ring
 
     def _require_ring(self) -> SinkRing:
