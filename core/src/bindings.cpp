@@ -106,8 +106,6 @@ which stored window keys must be rotated back.
         .def("sink_shift", &SinkRing::sink_shift, "stream"_a, "Sink shift for attention by the newest token.")
         .def("slot_for_token", &SinkRing::slot_for_token, "token"_a)
         .def("token_in_slot", &SinkRing::token_in_slot, "stream"_a, "slot"_a, "Token index in the slot, -1 if empty.")
-        .def("position_of_slot", &SinkRing::position_of_slot, "stream"_a, "slot"_a,
-             "In-cache (paper) position of the slot, -1 if empty.")
         .def(
             "positions",
             [](const SinkRing &r, int64_t stream, nb::handle out) {
