@@ -25,7 +25,9 @@
 //   * step() writes its per-stream outputs into arrays the ring allocates once, in the constructor, and never
 //     reallocates (step_output() points into them for the ring's whole lifetime; the Python binding hands them out as
 //     read-only views that keep the ring alive). No caller memory is ever kept between calls.
-//   * append(), plan() write into the output pointers passed to that very call, and nothing else runs meanwhile.
+//   * slots(), evicted(), plan() write into the output pointer passed to that very call; a caller must keep the
+//     memory alive and in place for the call (the binding holds the exporter's reference and runs no Python code
+//     between taking the pointer and the last write).
 // Work is bounded by memory: no loop runs over a caller's count unless it fills a caller's array of that length, so a
 // huge count costs O(1) (or O(window) where the ring itself must be walked).
 //
