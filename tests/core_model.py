@@ -70,13 +70,12 @@ class PyRing:
     def step(self):
         outs = []
         for st in self.streams:
-            position = st.seen - st.frame_base
-            slot, evicted = self._append_one(st)
+            slot, _ = self._append_one(st)
             pending = st.pending_shift
             st.pending_shift = 0
             b = self.streams.index(st)
-            outs.append(dict(slot=slot, evicted=evicted, position=position, sink_shift=self.sink_shift(b),
-                             pending_shift=pending, occupied=sum(s is not None for s in st.slots)))
+            outs.append(dict(slot=slot, sink_shift=self.sink_shift(b), pending_shift=pending,
+                             occupied=sum(s is not None for s in st.slots)))
         return outs
 
     def plan(self, b, n):

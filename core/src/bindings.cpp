@@ -1,11 +1,16 @@
 // Python binding of pystream::SinkRing. Thin on purpose: it validates arguments, turns C++ exceptions into readable
 // Python errors (std::invalid_argument -> ValueError, std::out_of_range -> IndexError, std::overflow_error ->
 // OverflowError, a bad array -> TypeError) and hands the work to the header.
+//
+// Memory contract (see sink_ring.hpp): the ring keeps no pointer into Python-owned memory. step() fills arrays the
+// ring owns, exposed as read-only views (`outputs`) whose owner is the ring; an array passed to append/plan/positions/
+// tokens is written only during that call, while the binding holds the exporter's reference to it.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 
 #include <string>
+#include <utility>
 
 #include "pystream/sink_ring.hpp"
 
@@ -17,10 +22,15 @@ namespace {
 
 std::string python_type_name(nb::handle h) { return nb::type_name(h.type()).c_str(); }
 
-// An int64 array that C++ may write into: 1-D, contiguous, on the CPU, writable, of exactly `length` elements
-// (length < 0: any). Anything else is a TypeError naming `what` and the problem; nothing is ever converted, so a
-// write can never land in a silent copy.
-int64_t *int64_out(nb::handle obj, const char *what, int64_t length) {
+// An int64 array that C++ may write into: 1-D, contiguous, on the CPU, writable, of exactly `length` elements.
+// Anything else is a TypeError naming `what` and the problem; nothing is ever converted, so a write can never land in
+// a silent copy.
+//
+// Memory safety: the returned ndarray holds the exporter's reference (DLPack capsule or buffer view) and must stay
+// alive while its data is written; write right after this call, before any other Python object is touched (a cast of
+// another argument may run Python code, which could resize or free this array's storage). The ring never keeps the
+// pointer beyond the call.
+nb::ndarray<> int64_out(nb::handle obj, const char *what, int64_t length) {
     if (!nb::ndarray_check(obj))
         throw nb::type_error((std::string(what) + " must be an int64 array (numpy or torch), got " + python_type_name(obj))
                                  .c_str());
@@ -36,37 +46,24 @@ int64_t *int64_out(nb::handle obj, const char *what, int64_t length) {
             (std::string(what) + " must be 1-D, got " + std::to_string(arr.ndim()) + " dimensions").c_str());
     if (arr.shape(0) > 1 && arr.stride(0) != 1)
         throw nb::type_error((std::string(what) + " must be contiguous").c_str());
-    if (length >= 0 && static_cast<int64_t>(arr.shape(0)) != length)
+    if (static_cast<int64_t>(arr.shape(0)) != length)
         throw nb::value_error((std::string(what) + " must have " + std::to_string(length) + " elements, got " +
                                std::to_string(arr.shape(0)))
                                   .c_str());
-    return static_cast<int64_t *>(arr.data());
+    return arr;
 }
 
-int64_t *optional_out(nb::handle obj, const char *what, int64_t length) {
-    return obj.is_none() ? nullptr : int64_out(obj, what, length);
-}
+int64_t *data_of(nb::ndarray<> &arr) { return static_cast<int64_t *>(arr.data()); }
 
-// Owns the Python arrays bound as step() outputs so that they outlive the raw pointers the ring keeps.
-struct PySinkRing : SinkRing {
-    using SinkRing::SinkRing;
-    nb::object bound[6];
-
-    void bind_outputs(nb::handle slot, nb::handle evicted, nb::handle position, nb::handle sink_shift,
-                      nb::handle pending_shift, nb::handle occupied) {
-        const int64_t n = num_streams();
-        StepOutputs out;
-        out.slot = optional_out(slot, "slot", n);
-        out.evicted = optional_out(evicted, "evicted", n);
-        out.position = optional_out(position, "position", n);
-        out.sink_shift = optional_out(sink_shift, "sink_shift", n);
-        out.pending_shift = optional_out(pending_shift, "pending_shift", n);
-        out.occupied = optional_out(occupied, "occupied", n);
-        nb::handle objs[6] = {slot, evicted, position, sink_shift, pending_shift, occupied};
-        for (int i = 0; i < 6; ++i) bound[i] = nb::borrow(objs[i]);
-        bind(out);
-    }
+// The step outputs, by name: read-only numpy views of the ring's own arrays (see SinkRing::StepOutput).
+constexpr std::pair<const char *, SinkRing::StepOutput> kStepOutputs[] = {
+    {"slot", SinkRing::kSlot},
+    {"sink_shift", SinkRing::kSinkShift},
+    {"pending_shift", SinkRing::kPendingShift},
+    {"occupied", SinkRing::kOccupied},
 };
+
+using OutputView = nb::ndarray<nb::numpy, const int64_t, nb::ndim<1>, nb::c_contig>;
 
 }  // namespace
 
@@ -81,7 +78,7 @@ NB_MODULE(_core, m) {
         }
     });
 
-    nb::class_<PySinkRing>(m, "SinkRing", R"doc(
+    nb::class_<SinkRing>(m, "SinkRing", R"doc(
 Bookkeeping for `num_streams` independent token streams sharing one preallocated KV layout of
 `num_sinks` sink slots followed by a ring of `window` slots per stream (`capacity = num_sinks + window`).
 
@@ -109,57 +106,74 @@ which stored window keys must be rotated back.
         .def("sink_shift", &SinkRing::sink_shift, "stream"_a, "Sink shift for attention by the newest token.")
         .def("slot_for_token", &SinkRing::slot_for_token, "token"_a)
         .def("token_in_slot", &SinkRing::token_in_slot, "stream"_a, "slot"_a, "Token index in the slot, -1 if empty.")
-        .def("slot_of_token", &SinkRing::slot_of_token, "stream"_a, "token"_a, "Slot of the token, -1 if not held.")
-        .def("position_of_slot", &SinkRing::position_of_slot, "stream"_a, "slot"_a,
-             "In-cache (paper) position of the slot, -1 if empty.")
         .def(
             "positions",
-            [](const PySinkRing &r, int64_t stream, nb::handle out) {
+            [](const SinkRing &r, int64_t stream, nb::handle out) {
                 r.stream(stream);  // validates the index before the array
-                int64_t *p = int64_out(out, "out", r.capacity());
+                nb::ndarray<> arr = int64_out(out, "out", r.capacity());
+                int64_t *p = data_of(arr);
                 for (int64_t s = 0; s < r.capacity(); ++s) p[s] = r.position_of_slot(stream, s);
             },
             "stream"_a, "out"_a, "Fill `out[capacity]` with the in-cache position of every slot (-1 if empty).")
         .def(
             "tokens",
-            [](const PySinkRing &r, int64_t stream, nb::handle out) {
+            [](const SinkRing &r, int64_t stream, nb::handle out) {
                 r.stream(stream);
-                int64_t *p = int64_out(out, "out", r.capacity());
+                nb::ndarray<> arr = int64_out(out, "out", r.capacity());
+                int64_t *p = data_of(arr);
                 for (int64_t s = 0; s < r.capacity(); ++s) p[s] = r.token_in_slot(stream, s);
             },
             "stream"_a, "out"_a, "Fill `out[capacity]` with the token index held by every slot (-1 if empty).")
         .def(
             "append",
-            [](PySinkRing &r, int64_t stream, int64_t n, nb::handle slots, nb::handle evicted) {
+            [](SinkRing &r, int64_t stream, int64_t n, nb::handle slots, nb::handle evicted) {
                 r.stream(stream);
                 if (n < 0)
                     throw std::invalid_argument("cannot append a negative number of tokens: " + std::to_string(n));
-                int64_t *s = optional_out(slots, "slots", n);
-                int64_t *e = optional_out(evicted, "evicted", n);
-                r.append(stream, n, s, e);
+                // Each array is cast and filled before the next is looked at (see int64_out); the ring changes last,
+                // so an error leaves it unchanged (arrays filled before the error keep what was written).
+                if (!slots.is_none()) {
+                    nb::ndarray<> arr = int64_out(slots, "slots", n);
+                    r.slots(stream, n, data_of(arr));
+                }
+                if (!evicted.is_none()) {
+                    nb::ndarray<> arr = int64_out(evicted, "evicted", n);
+                    r.evicted(stream, n, data_of(arr));
+                }
+                r.append(stream, n);
             },
             "stream"_a, "n"_a, "slots"_a = nb::none(), "evicted"_a = nb::none(),
-            "Append `n` tokens to one stream; fill `slots[n]` and `evicted[n]` (-1: nothing evicted) if given.")
-        .def("step", &PySinkRing::step,
-             "Append one token to every stream and fill the bound outputs (see `bind_outputs`). Returns the slot "
+            "Append `n` tokens to one stream; fill `slots[n]` and `evicted[n]` (-1: nothing evicted) if given. "
+            "O(1) without arrays, whatever `n`.")
+        .def("step", &SinkRing::step,
+             "Append one token to every stream and fill the ring's step outputs (see `outputs`). Returns the slot "
              "when all streams wrote to the same one, else -1. The per-token hot call: it takes no arguments.")
-        .def("bind_outputs", &PySinkRing::bind_outputs, "slot"_a = nb::none(), "evicted"_a = nb::none(),
-             "position"_a = nb::none(), "sink_shift"_a = nb::none(), "pending_shift"_a = nb::none(),
-             "occupied"_a = nb::none(),
-             "Bind int64 arrays of `num_streams` elements that `step` fills in place; None leaves one unbound.")
-        .def("unbind_outputs",
-             [](PySinkRing &r) {
-                 r.unbind();
-                 for (auto &o : r.bound) o = nb::object();
-             })
+        .def_prop_ro(
+            "outputs",
+            [](SinkRing &r) {
+                nb::object owner = nb::find(&r);  // the views keep the ring, and so its arrays, alive
+                nb::dict views;
+                const size_t n = static_cast<size_t>(r.num_streams());
+                for (const auto &[name, which] : kStepOutputs)
+                    views[name] = OutputView(r.step_output(which), {n}, owner).cast();
+                return views;
+            },
+            "What each `step` wrote, per stream: a dict of read-only int64 numpy arrays of `num_streams` elements, "
+            "views of arrays the ring owns and `step` overwrites in place (read them after each step; a view keeps "
+            "the ring alive). `slot`: the slot the token went to; `sink_shift`: rotate sink s to model position "
+            "s + sink_shift; `pending_shift`: re-rotate the stored window keys by -pending_shift; `occupied`: slots "
+            "holding a token. The ring never writes into memory it does not own between calls.")
+        .def("noop", &SinkRing::noop,
+             "Does nothing and returns 0: the floor a benchmark of `step` through this binding is measured against.")
         .def("take_pending_shift", &SinkRing::take_pending_shift, "stream"_a)
         .def(
             "plan",
-            [](PySinkRing &r, int64_t stream, int64_t n, nb::handle out) {
+            [](SinkRing &r, int64_t stream, int64_t n, nb::handle out) {
                 r.stream(stream);
                 if (n < 1) throw std::invalid_argument("plan needs n >= 1 tokens, got " + std::to_string(n));
-                int64_t *p = optional_out(out, "out", n);
-                return r.plan(stream, n, p);
+                if (out.is_none()) return r.plan(stream, n, nullptr);
+                nb::ndarray<> arr = int64_out(out, "out", n);
+                return r.plan(stream, n, data_of(arr));
             },
             "stream"_a, "n"_a, "out"_a = nb::none(),
             "Model positions for the next `n` tokens (written to `out[n]`), re-basing the frame first when they "
@@ -171,13 +185,13 @@ which stored window keys must be rotated back.
         .def("fast_forward", &SinkRing::fast_forward, "stream"_a, "seen"_a,
              "Put the stream in the state `seen` tokens leave, without feeding them.")
         .def("snapshot",
-             [](const PySinkRing &r) {
+             [](const SinkRing &r) {
                  auto bytes = r.snapshot();
                  return nb::bytes(reinterpret_cast<const char *>(bytes.data()), bytes.size());
              })
         .def(
             "restore",
-            [](PySinkRing &r, nb::bytes data) {
+            [](SinkRing &r, nb::bytes data) {
                 r.restore(reinterpret_cast<const uint8_t *>(data.c_str()), data.size());
             },
             "data"_a, "Restore a `snapshot()` of a ring with the same geometry; nothing changes on error.");

@@ -12,13 +12,7 @@ import importlib.util
 import os
 import sys
 
-import numpy as np
-
 _NAME = "pystream._core"
-
-# The per-stream outputs `SinkRing.step()` writes into bound arrays (one int64 per stream), read by StreamingKV.
-OUTPUTS = ("slot", "evicted", "position", "sink_shift", "pending_shift", "occupied")
-
 
 def core():
     """The C++ extension module, loaded once."""
@@ -35,8 +29,8 @@ def core():
 
 
 def new_ring(num_streams: int, num_sinks: int, window: int, rebase_interval: int):
-    """A `SinkRing` with its step outputs bound to numpy arrays it fills in place: (ring, {name: int64 [streams]})."""
+    """A `SinkRing` and its step outputs: (ring, {name: int64 [streams]}), read-only views of the arrays the ring owns
+    and each `step()` overwrites (slot, sink_shift, pending_shift, occupied); the core never writes into memory of
+    ours, and the views keep the ring alive."""
     ring = core().SinkRing(num_streams, num_sinks, window, rebase_interval)
-    outputs = {name: np.zeros(num_streams, dtype=np.int64) for name in OUTPUTS}
-    ring.bind_outputs(**outputs)
-    return ring, outputs
+    return ring, ring.outputs

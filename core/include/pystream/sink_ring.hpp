@@ -20,6 +20,20 @@
 //     s + sink_shift with sink_shift = evicted(t) - frame_base, evicted(t) = max(0, t + 1 - (S + W)).
 // Re-basing keeps model positions small (below S + W - 1 + rebase_interval) so that float32 RoPE angles stay exact
 // however long the stream runs.
+//
+// Memory contract. The ring writes only into memory it owns or into a caller's array for the duration of one call:
+//   * step() writes its per-stream outputs into arrays the ring allocates once, in the constructor, and never
+//     reallocates (step_output() points into them for the ring's whole lifetime; the Python binding hands them out as
+//     read-only views that keep the ring alive). No caller memory is ever kept between calls.
+//   * slots(), evicted(), plan() write into the output pointer passed to that very call; a caller must keep the
+//     memory alive and in place for the call (the binding holds the exporter's reference and runs no Python code
+//     between taking the pointer and the last write).
+// Work is bounded by memory: no loop runs over a caller's count unless it fills a caller's array of that length, so a
+// huge count costs O(1) (or O(window) where the ring itself must be walked).
+//
+// Counter limits, checked by every operation and by restore(): 0 <= seen <= 2^63 - 2, and the model position of
+// the next token (seen - frame_base) is in 0..2^63 - 2, and |pending_shift| <= 2^63 - 1. No arithmetic below can
+// overflow within them.
 #pragma once
 
 #include <algorithm>
@@ -40,24 +54,27 @@ public:
         int64_t pending_shift = 0;  // frame change not yet applied to the stored window keys
     };
 
-    // Per-step outputs of step(), one entry per stream. The caller binds its own arrays (for example numpy or torch
-    // CPU tensors) so that the hot call takes no arguments.
-    struct StepOutputs {
-        int64_t *slot = nullptr;           // slot the new token was written to
-        int64_t *evicted = nullptr;        // token index evicted by that write, -1 if none
-        int64_t *position = nullptr;       // model position the new token is rotated at (seen - frame_base)
-        int64_t *sink_shift = nullptr;     // rotate sink s to model position s + sink_shift
-        int64_t *pending_shift = nullptr;  // re-rotate stored window keys by -pending_shift (then it is cleared)
-        int64_t *occupied = nullptr;       // slots holding a token after the step
+    // Per-step outputs of step(), one array of num_streams entries each, owned by the ring (see the memory contract
+    // above) so that the hot call takes no arguments and writes no memory it does not own.
+    enum StepOutput : int {
+        kSlot = 0,          // slot the new token was written to
+        kSinkShift,         // rotate sink s to model position s + sink_shift
+        kPendingShift,      // re-rotate stored window keys by -pending_shift (then it is cleared)
+        kOccupied,          // slots holding a token after the step
+        kNumStepOutputs
     };
 
     static constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+    // A batch larger than this is refused: the ring allocates a few words per stream, and a real KV cache of this
+    // many streams would not fit in any memory anyway.
+    static constexpr int64_t kMaxStreams = int64_t{1} << 20;
     static constexpr uint32_t kSnapshotMagic = 0x50534b31;  // "PSK1"
     static constexpr uint32_t kSnapshotVersion = 1;
 
     SinkRing(int64_t num_streams, int64_t num_sinks, int64_t window, int64_t rebase_interval) {
-        if (num_streams < 1)
-            throw std::invalid_argument("num_streams must be >= 1, got " + std::to_string(num_streams));
+        if (num_streams < 1 || num_streams > kMaxStreams)
+            throw std::invalid_argument("num_streams must be in 1.." + std::to_string(kMaxStreams) + ", got " +
+                                        std::to_string(num_streams));
         if (num_sinks < 0)
             throw std::invalid_argument("num_sinks must be >= 0, got " + std::to_string(num_sinks));
         if (window < 0)
@@ -76,6 +93,8 @@ public:
         window_ = window;
         rebase_interval_ = rebase_interval;
         streams_.assign(static_cast<size_t>(num_streams), Stream{});
+        // Allocated once: step_output() pointers stay valid for the ring's lifetime.
+        outputs_.assign(static_cast<size_t>(kNumStepOutputs * num_streams), 0);
     }
 
     // ---- geometry -------------------------------------------------------------------------------------------------
@@ -120,15 +139,6 @@ public:
         return sinks_ + r + k * window_;
     }
 
-    // Slot holding `token` in stream b, or -1 if the token is evicted or not seen yet.
-    int64_t slot_of_token(int64_t b, int64_t token) const {
-        const int64_t t = seen(b);
-        if (token < 0 || token >= t) return -1;
-        if (token < sinks_) return token;
-        if (token < t - window_) return -1;
-        return slot_for_token(token);
-    }
-
     // In-cache (paper) position of `slot` in stream b: sinks 0..S-1, window tokens after them in arrival order.
     // -1 for an empty slot.
     int64_t position_of_slot(int64_t b, int64_t slot) const {
@@ -140,46 +150,65 @@ public:
     }
 
     // ---- operations -----------------------------------------------------------------------------------------------
-    // Append `n` tokens to stream b. Writes the slot and the evicted token (-1 if none) of every token, in order, to
-    // slots_out / evicted_out (each of length n, either may be null). A chunk longer than the window overwrites its
-    // own early tokens; the slots say so.
-    void append(int64_t b, int64_t n, int64_t *slots_out, int64_t *evicted_out) {
+    // Append `n` tokens to stream b: O(1) work. The slot and the evicted token (-1 if none) of every token, in
+    // order, can be had from slots() / evicted() (filled before the tokens are booked).
+    void append(int64_t b, int64_t n) {
         Stream &s = streams_[index(b)];
         if (n < 0) throw std::invalid_argument("cannot append a negative number of tokens: " + std::to_string(n));
         check_room(s, n);
-        for (int64_t i = 0; i < n; ++i) {
-            const int64_t token = s.seen + i;
-            if (slots_out) slots_out[i] = slot_for_token(token);
-            if (evicted_out) evicted_out[i] = evicted_by(token);
-        }
         s.seen += n;
     }
 
-    // The decode step: one token appended to every stream. Fills the bound outputs and returns the slot if every
-    // stream wrote to the same one (the common, lockstep case), else -1.
+    // Slots the next n tokens of stream b go to, written to out[0..n). A chunk longer than the window overwrites its
+    // own early tokens; the slots say so. O(n): the caller's array has n elements.
+    void slots(int64_t b, int64_t n, int64_t *out) const {
+        const Stream &s = stream(b);
+        check_room(s, n);
+        for (int64_t i = 0; i < n; ++i) out[i] = slot_for_token(s.seen + i);
+    }
+
+    // Token evicted by each of the next n tokens of stream b (-1: none), written to out[0..n).
+    void evicted(int64_t b, int64_t n, int64_t *out) const {
+        const Stream &s = stream(b);
+        check_room(s, n);
+        for (int64_t i = 0; i < n; ++i) out[i] = evicted_by(s.seen + i);
+    }
+
+    // The decode step: one token appended to every stream. Fills the ring's step outputs (step_output) and returns
+    // the slot if every stream wrote to the same one (the common, lockstep case), else -1.
     int64_t step() {
         for (const Stream &s : streams_) check_room(s, 1);
         int64_t common = -2;
         const int64_t nb = num_streams();
+        int64_t *out_slot = outputs_.data() + kSlot * nb;
+        int64_t *out_sink_shift = outputs_.data() + kSinkShift * nb;
+        int64_t *out_pending = outputs_.data() + kPendingShift * nb;
+        int64_t *out_occupied = outputs_.data() + kOccupied * nb;
         for (int64_t b = 0; b < nb; ++b) {
             Stream &s = streams_[static_cast<size_t>(b)];
             const int64_t token = s.seen;
             const int64_t slot = slot_for_token(token);
-            if (out_.slot) out_.slot[b] = slot;
-            if (out_.evicted) out_.evicted[b] = evicted_by(token);
-            if (out_.position) out_.position[b] = token - s.frame_base;
-            if (out_.sink_shift) out_.sink_shift[b] = sink_shift_of(token, s.frame_base);
-            if (out_.pending_shift) out_.pending_shift[b] = s.pending_shift;
+            out_slot[b] = slot;
+            out_sink_shift[b] = sink_shift_of(token, s.frame_base);
+            out_pending[b] = s.pending_shift;
             s.pending_shift = 0;
             s.seen = token + 1;
-            if (out_.occupied) out_.occupied[b] = std::min(s.seen, capacity());
+            out_occupied[b] = std::min(s.seen, capacity());
             common = (common == -2 || common == slot) ? slot : -1;
         }
         return common;
     }
 
-    void bind(const StepOutputs &outputs) { out_ = outputs; }
-    void unbind() { out_ = StepOutputs{}; }
+    // The ring's own array of num_streams() entries for one step output (see StepOutput), valid and at the same
+    // address for the ring's lifetime; step() overwrites it.
+    const int64_t *step_output(StepOutput which) const {
+        if (which < 0 || which >= kNumStepOutputs)
+            throw std::out_of_range("unknown step output " + std::to_string(static_cast<int>(which)));
+        return outputs_.data() + static_cast<int64_t>(which) * num_streams();
+    }
+
+    // Does nothing: the floor a benchmark of step() through the same binding is measured against.
+    int64_t noop() const { return 0; }
 
     // Take the pending frame change of stream b (re-rotate stored window keys by -shift) and clear it.
     int64_t take_pending_shift(int64_t b) {
@@ -203,8 +232,9 @@ public:
             // The frame never puts a token before position 0, even for a chunk longer than the cache.
             const int64_t new_base = std::min(s.seen, last - (capacity() - 1));
             shift = new_base - s.frame_base;
+            const int64_t pending = checked_pending(s, shift);
             s.frame_base = new_base;
-            s.pending_shift += shift;
+            s.pending_shift = pending;
         }
         if (positions_out)
             for (int64_t i = 0; i < n; ++i) positions_out[i] = s.seen + i - s.frame_base;
@@ -216,10 +246,12 @@ public:
     int64_t adopt(int64_t b, int64_t position) {
         Stream &s = streams_[index(b)];
         if (position < 0) throw std::invalid_argument("model positions must be >= 0, got " + std::to_string(position));
+        if (position > kMax - 1) throw std::overflow_error("model positions must be < 2^63 - 1");
         const int64_t new_base = s.seen - position;
-        const int64_t shift = new_base - s.frame_base;
+        const int64_t shift = new_base - s.frame_base;  // both bases in [seen - (2^63 - 2), seen]: no overflow
+        const int64_t pending = checked_pending(s, shift);
         s.frame_base = new_base;
-        s.pending_shift += shift;
+        s.pending_shift = pending;
         return shift;
     }
 
@@ -284,8 +316,7 @@ public:
         std::vector<Stream> restored(streams_.size());
         for (size_t i = 0; i < streams_.size(); ++i) {
             restored[i] = Stream{words[4 + 3 * i], words[5 + 3 * i], words[6 + 3 * i]};
-            if (restored[i].seen < 0)
-                throw std::invalid_argument("snapshot stream " + std::to_string(i) + " has a negative token count");
+            check_reachable(restored[i], i);
         }
         streams_.swap(restored);
     }
@@ -302,8 +333,38 @@ private:
         if (slot < 0 || slot >= capacity())
             throw std::out_of_range("slot " + std::to_string(slot) + " is outside 0.." + std::to_string(capacity() - 1));
     }
+    // Room for n more tokens: the token count and the model position of the last of them stay <= 2^63 - 2.
     static void check_room(const Stream &s, int64_t n) {
-        if (n > kMax - 1 - s.seen) throw std::overflow_error("stream position would pass 2^63 - 1");
+        if (n > kMax - 1 - s.seen || n > kMax - 1 - (s.seen - s.frame_base))
+            throw std::overflow_error("stream position would pass 2^63 - 1");
+    }
+    // pending_shift + shift, refused (nothing changed) if it would leave -(2^63 - 1)..2^63 - 1.
+    static int64_t checked_pending(const Stream &s, int64_t shift) {
+        if ((shift > 0 && s.pending_shift > kMax - shift) || (shift < 0 && s.pending_shift < -kMax - shift))
+            throw std::overflow_error("the pending frame change would pass 2^63 - 1: apply it (take_pending_shift) "
+                                      "before moving the frame again");
+        return s.pending_shift + shift;
+    }
+    // A snapshot's stream must be one that some sequence of operations reaches. Every change of frame_base adds the
+    // same change to pending_shift, which is cleared at some earlier point (frame base f0 <= seen0 <= seen, with
+    // f0 >= seen0 - (2^63 - 2)); so pending_shift = frame_base - f0 lies in
+    // [-(seen - frame_base), frame_base + 2^63 - 2], within the limit checked_pending keeps.
+    static void check_reachable(const Stream &s, size_t i) {
+        const std::string where = "snapshot stream " + std::to_string(i) + ": ";
+        if (s.seen < 0 || s.seen > kMax - 1)
+            throw std::invalid_argument(where + "seen=" + std::to_string(s.seen) + " is outside 0..2^63 - 2");
+        // next model position seen - frame_base in 0..2^63 - 2, written without overflow
+        if (s.frame_base > s.seen || s.frame_base < s.seen - (kMax - 1))
+            throw std::invalid_argument(where + "frame_base=" + std::to_string(s.frame_base) +
+                                        " puts the next model position outside 0..2^63 - 2 (seen=" +
+                                        std::to_string(s.seen) + ")");
+        const int64_t next_position = s.seen - s.frame_base;
+        const int64_t highest = s.frame_base >= 1 ? kMax : s.frame_base + (kMax - 1);
+        if (s.pending_shift < -next_position || s.pending_shift > highest)
+            throw std::invalid_argument(where + "pending_shift=" + std::to_string(s.pending_shift) +
+                                        " is outside what a stream reaches: " + std::to_string(-next_position) +
+                                        ".." + std::to_string(highest) + " (seen=" + std::to_string(s.seen) +
+                                        ", frame_base=" + std::to_string(s.frame_base) + ")");
     }
     int64_t evicted_after(int64_t seen) const { return std::max<int64_t>(0, seen - capacity()); }
     // Writing token j into the ring evicts token j - W when that one was a window token.
@@ -317,7 +378,7 @@ private:
 
     int64_t sinks_ = 0, window_ = 0, rebase_interval_ = 1;
     std::vector<Stream> streams_;
-    StepOutputs out_;
+    std::vector<int64_t> outputs_;  // [kNumStepOutputs][num_streams]; sized once, never reallocated
 };
 
 }  // namespace pystream
