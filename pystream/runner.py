@@ -115,6 +115,8 @@ class Bench:
         """A profiled pass of `profile_steps` more decode steps (after the timed ones, so that timing is clean)."""
         from .profiling import profile_steps
 
+        label = label.replace(",", "")  # the trace's file name, as before the labels had thousands separators
+
         kv = getattr(cache, "kv", None)
         self._profiling = True
         if kv is not None:
@@ -240,7 +242,7 @@ class Bench:
         saving checkpoints (every `checkpoint_every_s`) when the run has a directory."""
         from . import checkpoint
 
-        path = self._checkpoint_path(label.replace(" ", "-").replace("@", "at"))
+        path = self._checkpoint_path(label.replace(" ", "-").replace("@", "at").replace(",", ""))
         start = 0
         if path is not None and path.exists():
             checkpoint.load(path, cache, self.device)
@@ -281,7 +283,7 @@ class Bench:
 
     def _cell_streaming(self, method: str, cache_size: int, length: int) -> dict:
         cache = self._streaming_cache(method, cache_size)
-        label = f"{method} {cache_size} @ {length}"
+        label = f"{method} {cache_size} @ {length:,}"  # file names drop the commas (as before)
         setup, ms = measure.timed(self.device, lambda: self._reach_streaming(cache, length, label))
         reached = cache.seen()  # where timing starts: the state a stream of `length` tokens leaves
         mask = decode_attention_mask(self.model, self.cfg.batch, cache.capacity)
@@ -320,7 +322,7 @@ class Bench:
             return count
 
         started = time.perf_counter()
-        self._stream_tokens(cache, length, f"dense @ {length}", feed)
+        self._stream_tokens(cache, length, f"dense @ {length:,}", feed)
         setup = time.perf_counter() - started
         reached = cache.get_seq_length()
         kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
@@ -331,7 +333,7 @@ class Bench:
         latencies = self._decode(step, length, f"dense @ {length:,}: decoding")
         result = dict(latencies_ms=latencies, kv_bytes=kv_bytes, setup_s=setup, stream_position=reached)
         if self.cfg.profile:
-            result["profile"] = self._profile(step, length + self.cfg.warmup + self.cfg.steps, f"dense @ {length}")
+            result["profile"] = self._profile(step, length + self.cfg.warmup + self.cfg.steps, f"dense @ {length:,}")
         return result
 
     def _cell_recompute(self, cache_size, length) -> dict:
@@ -350,7 +352,7 @@ class Bench:
         result = dict(latencies_ms=latencies, kv_bytes=0, setup_s=0.0)
         if self.cfg.profile:
             result["profile"] = self._profile(step, length + self.cfg.warmup + self.cfg.steps,
-                                              f"recompute {cache_size} @ {length}")
+                                              f"recompute {cache_size} @ {length:,}")
         return result
 
     # ---- quality ----------------------------------------------------------------------------------------------------
