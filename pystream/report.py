@@ -37,6 +37,7 @@ METHOD_ORDER = ["dense", "recompute", "sink", "window"]
 # Dash and marker by cache size (and run, in a comparison), so that both caches of a method read apart.
 DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 SYMBOLS = ["circle", "square", "diamond", "triangle-up", "triangle-down", "star", "hexagon", "cross"]
+RUN_SYMBOL_VARIANTS = ["", "-open", "-dot", "-open-dot"]
 PATTERNS = ["", "/", ".", "x", "-", "|", "+"]
 ROLLING_TOKENS = 64
 MAX_POINTS = 2500  # per line in the perplexity-by-position figure
@@ -93,8 +94,11 @@ class Styles:
         index = self._cache_rank(cache_size) * len(self.runs) + run
         return DASHES[index] if index < len(DASHES) else f"{index + 2}px,3px,1px,3px"
 
-    def symbol(self, cache_size) -> str:
-        return SYMBOLS[self._cache_rank(cache_size) % len(SYMBOLS)]
+    def symbol(self, cache_size, run_label=None) -> str:
+        """The shape by cache size; in a comparison, filled for the first run, open (or dotted) for the others."""
+        run = self.runs.index(run_label) if run_label in self.runs else 0
+        variant = RUN_SYMBOL_VARIANTS[run % len(RUN_SYMBOL_VARIANTS)]
+        return SYMBOLS[self._cache_rank(cache_size) % len(SYMBOLS)] + variant
 
     def pattern(self, run_label) -> str:
         """Bars of one method in a comparison: the run is the fill pattern."""
@@ -108,7 +112,7 @@ class Styles:
         return 1.5 + self._above(method) * min(1.5, 6 / max(1, len(self.methods) - 1))
 
     def size(self, method: str) -> float:
-        return 7 + self._above(method) * min(4, 16 / max(1, len(self.methods) - 1))
+        return 7 + self._above(method) * min(5, 20 / max(1, len(self.methods) - 1))
 
 
 def series_trace(styles: Styles, *, method, cache_size, run_label, x, y, name, derived, hovertemplate,
@@ -126,8 +130,8 @@ def series_trace(styles: Styles, *, method, cache_size, run_label, x, y, name, d
     return go.Scatter(
         x=x, y=y, mode=mode, name=esc(name), meta=derived if isinstance(derived, dict) else {"y": derived},
         line=dict(color=color, dash=styles.dash(cache_size, run_label), width=styles.width(method)),
-        marker=dict(color=color, symbol=symbols or styles.symbol(cache_size), size=styles.size(method),
-                    line=dict(color="white", width=1)),
+        marker=dict(color=color, symbol=symbols or styles.symbol(cache_size, run_label), size=styles.size(method),
+                    line=dict(width=0)),
         error_y=error_y, error_x=error_x, hovertemplate=hovertemplate, **extra)
 
 
@@ -193,7 +197,7 @@ def fig_latency_vs_cache(runs):
                     fig.add_trace(series_trace(
                         styles, method=method, cache_size=None, run_label=label, x=[c["cache_size"] for c in pts],
                         y=[c["latency_ms"]["p50"] for c in pts], name=name, derived="cell.latency_ms.p50",
-                        symbols=[styles.symbol(c["cache_size"]) for c in pts], error_y=_latency_error(pts),
+                        symbols=[styles.symbol(c["cache_size"], label) for c in pts], error_y=_latency_error(pts),
                         text=text, textposition="bottom center", legendgroup=name, showlegend=col == 1,
                         customdata=[[c["latency_ms"]["p90"], c["latency_ms"]["p99"], cache_label(c),
                                      f"{s:.1f}" if isinstance(s, (int, float)) else "–"] for c, s in zip(pts, speed)],
@@ -448,7 +452,7 @@ def fig_cache_sizes(runs):
         fig.add_trace(series_trace(
             styles, method=recs[0]["method"], cache_size=None, run_label=label, x=[r["cache_size"] for r in recs],
             y=[r["ppl"] for r in recs], name=label, derived="quality.ppl", text=[f"{r['ppl']:.2f}" for r in recs],
-            symbols=[styles.symbol(r["cache_size"]) for r in recs], textposition="top center",
+            symbols=[styles.symbol(r["cache_size"], label) for r in recs], textposition="top center",
             hovertemplate="cache %{x}<br>PPL %{y:.3f}<extra></extra>"))
     if not fig.data:
         return None
