@@ -190,7 +190,8 @@ for _part in ("model_ms", "cache_update_ms", "bookkeeping_ms", "rerotate_ms", "l
 FIGURE_VALUES = {"latency": ["cell.latency_ms.p50"], "throughput": ["cell.tokens_per_s"],
                  "memory": ["cell.peak_bytes / MiB"], "kv": ["cell.kv_bytes / MiB"],
                  "ppl-position": ["quality.nll rolling mean", "quality.nll bin mean"], "ppl": ["quality.ppl"],
-                 "sinks": ["quality.ppl"], "cache-sizes": ["quality.ppl"], "stability": ["quality.buckets.ppl"]}
+                 "sinks": ["quality.ppl"], "cache-sizes": ["quality.ppl"], "stability": ["quality.buckets.ppl"],
+                 "profile": [d for d in DERIVATIONS if d.startswith("cell.profile.")]}
 
 
 def _fallback_meta(trace, derivation):
@@ -223,26 +224,31 @@ def test_every_plotted_value_is_a_record_value(tmp_path, example):
     way (bytes -> MiB, a rolling mean of the per-token NLL); a status (OOM) is never drawn as a value."""
     runs = example_runs(tmp_path, example)
     records = [r for run in runs for r in load_run(run).records]
-    checked = 0
+    checked, unnamed = 0, []
     for name, fig in rendered(tmp_path, runs).items():
         for trace in fig["data"]:
             if trace["type"] not in ("scatter", "bar"):
                 continue
-            meta = trace.get("meta") or {}
-            derivations = [meta["y"]] if meta.get("y") else FIGURE_VALUES.get(name, [])
+            named = trace.get("meta") if isinstance(trace.get("meta"), dict) else {}
+            derivations = [named["y"]] if named.get("y") else FIGURE_VALUES.get(name, [])
             ys = [v for v in values(trace.get("y")) if v is not None]
-            candidates = np.array(sorted(v for d in derivations
-                                         for v in DERIVATIONS[d](records, meta if meta.get("y") else
-                                                                 _fallback_meta(trace, d))))
+            candidates, tolerance = [], 1e-9
+            for derivation in derivations:
+                meta = named if named.get("y") else _fallback_meta(trace, derivation)
+                candidates += DERIVATIONS[derivation](records, meta)
+                if "decimals" in meta:  # values rounded for the page
+                    tolerance = max(tolerance, 0.5 * 10.0 ** -meta["decimals"] + 1e-12)
+            candidates = np.array(sorted(candidates))
             assert candidates.size, f"{name}: {trace.get('name')}: no record holds what it draws ({derivations})"
-            tolerance = 0.5 * 10.0 ** -meta["decimals"] + 1e-12 if "decimals" in meta else 1e-9
             index = np.clip(np.searchsorted(candidates, ys), 1, len(candidates) - 1)
             nearest = np.minimum(abs(candidates[index] - ys), abs(candidates[index - 1] - ys))
             strays = [y for y, d in zip(ys, nearest) if d > tolerance * max(1.0, abs(y))]
             assert not strays, f"{name}: {trace.get('name')!r} draws {strays[:5]}, which no record holds"
-            assert meta.get("y") in DERIVATIONS, f"{name}: {trace.get('name')!r} does not name where its y comes from"
+            if named.get("y") not in DERIVATIONS:
+                unnamed.append(f"{name}: {trace.get('name')!r}")
             checked += len(ys)
     assert checked > 0
+    assert not unnamed, f"traces that do not name where their y comes from: {unnamed}"
 
 
 def _axes(layout):
