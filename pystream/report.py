@@ -319,7 +319,7 @@ def fig_ppl_by_position(runs):
 
     styles = Styles(runs)
     fig = go.Figure()
-    pretraining, caches = set(), set()
+    pretraining, caches, bin_widths = set(), set(), set()
     for label, run in runs:
         for rec in sorted(_quality(run), key=lambda r: (styles.rank(r["method"]), r.get("cache_size") or 0)):
             name = series_name(rec) + _run_suffix(runs, label)
@@ -333,6 +333,7 @@ def fig_ppl_by_position(runs):
                 # a handful of samples per bin: each bin is a point at its mean with the 95% interval of that mean
                 # (and the bin's extent), never a line through two or three far-apart means
                 width = max(1024, len(nll) // 12)
+                bin_widths.add(width)
                 bins = []
                 for start in range(0, len(nll), width):
                     part = nll[start:start + width]
@@ -344,8 +345,7 @@ def fig_ppl_by_position(runs):
                 fig.add_trace(series_trace(
                     styles, method=method, cache_size=cache_size, run_label=label, x=[b[0] for b in bins],
                     y=[b[1] for b in bins],
-                    name=name + f" (sampled at {rec['sample_size']} positions: mean NLL per {width:,}-token bin, "
-                                "95% CI)",
+                    name=name + f" (sampled, {rec['sample_size']} positions)",
                     derived={"y": "quality.nll bin mean", "width": width},
                     error_y=dict(type="data", array=[b[3] for b in bins]), customdata=[b[2] for b in bins],
                     hovertemplate=f"the {width:,}-token bin around %{{x:,.0f}}<br>mean NLL %{{y:.3f}} ± "
@@ -378,8 +378,12 @@ def fig_ppl_by_position(runs):
                       annotation_position="bottom right")
     fig.update_xaxes(title_text="token position")
     fig.update_yaxes(title_text=f"log perplexity (rolling mean of NLL over {ROLLING_TOKENS} tokens)")
-    note = f" (the model's pre-training length, {beyond[0]:,}, lies beyond these tokens)" if beyond else ""
-    fig.update_layout(title="Log perplexity against token position (the paper's Figure 3)" + note)
+    notes = [f"the model's pre-training length, {beyond[0]:,}, lies beyond these tokens"] if beyond else []
+    if bin_widths:
+        notes.append(f"points: a sampled method's mean NLL per {', '.join(f'{w:,}' for w in sorted(bin_widths))}-token "
+                     "bin, with its 95% interval")
+    fig.update_layout(title="Log perplexity against token position (the paper's Figure 3)"
+                            + (f"<br><sup>{esc('; '.join(notes))}</sup>" if notes else ""))
     return fig
 
 
