@@ -59,6 +59,19 @@ def parse_list(text: str, what: str, parse) -> list:
     return list(dict.fromkeys(values))  # de-duplicated, in the given order
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps the description to the terminal like every help text; keeps the indented example lines of the epilog as
+    written (a paragraph with an indented line is laid out by hand)."""
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        paragraphs = text.split("\n\n")
+        return "\n\n".join(p if any(line.startswith(" ") for line in p.splitlines()) or "\n" in p.strip()
+                             else textwrap.fill(" ".join(p.split()), width, initial_indent=indent,
+                                                subsequent_indent=indent) for p in paragraphs)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
@@ -72,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark streaming LLM inference with attention sinks (StreamingLLM) against window "
                     "attention, sliding window with re-computation and dense attention: per-token latency, "
                     "tokens/s, memory and perplexity across stream lengths.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES, formatter_class=HelpFormatter,
     )
     what = p.add_argument_group("what to measure")
     what.add_argument("--lengths", default="4k,1M", help=LENGTH_HELP)
@@ -122,12 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "analyse the ppl stream")
     run = p.add_argument_group("how to run")
     run.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                     help="the model's weights, activations and KV cache (default float32; half precision is for "
+                          "GPUs, where it halves the memory and the bytes read per step)")
     run.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default 1, the steadiest per-step timings; with --experiment, every "
                           "core, since it measures perplexity, not time)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--out", default=None, help="run directory (default runs/<date-time>)")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seeds torch and the positions sampled for recompute's perplexity, so that a run repeats "
+                          "(default 0)")
+    run.add_argument("--out", default=None, metavar="RUN_DIR",
+                     help="the run directory: run.json, results.jsonl, report.html (default runs/<date-time>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished cells")
     run.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     run.add_argument("--profile", action="store_true",

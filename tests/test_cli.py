@@ -52,7 +52,8 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys)
     assert len(quality["sink"]["nll"]) == 119 and quality["sink"]["ppl"] > 1
     assert quality["recompute"]["sampled"] is True and quality["recompute"]["ppl_ci95"][0] <= quality["recompute"]["ppl"]
     assert quality["sink"]["buckets"][0]["start"] == 1
-    assert "decode per token" in stdout and "quality" in stdout
+    assert "decode latency per token" in stdout and "quality" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "run.json"]  # no .lock left behind
 
 
 def test_resume_runs_nothing_twice(tiny_model_dir, text_file, tmp_path, capsys):
@@ -170,6 +171,13 @@ def test_help_shows_examples_and_units():
     assert result.returncode == 0
     assert "pystream-bench --lengths 4k,1M" in result.stdout
     assert "k = 1024 and M = 1024*1024" in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 120  # the description wraps too
+    for option in ("--dtype", "--seed", "--out"):  # every option says what it does
+        entry = result.stdout[result.stdout.index(f"  {option} "):].split("\n  -")[0]
+        assert len(entry.split()) > 4, entry
+    report = subprocess.run([sys.executable, "-m", "pystream.report", "--help"], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "120"})
+    assert "RUN_DIR               a directory written by pystream-bench" in report.stdout
 
 
 def test_profile_writes_traces_and_a_breakdown(tiny_model_dir, text_file, tmp_path, capsys):

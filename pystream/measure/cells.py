@@ -94,7 +94,7 @@ class StreamingMethod(CellMethod):
 
     def time_cell(self, bench, capacity, length):
         cache = self.build(bench, capacity, batch_size=bench.cfg.batch)
-        label = f"{self.name} {capacity} @ {length}"
+        label = f"{self.name} {capacity} @ {length:,}"  # file names drop the commas
         _, setup_ms = clocks.timed(bench.device, lambda: self.reach(bench, cache, length, label))
         reached = cache.seen()  # where timing starts: the state a stream of `length` tokens leaves
         mask = decode_attention_mask(bench.model, bench.cfg.batch, cache.capacity)
@@ -159,7 +159,7 @@ class DenseMethod(CellMethod):
             return count
 
         started = time.perf_counter()
-        bench.stream_tokens(cache, length, f"dense @ {length}", feed)
+        bench.stream_tokens(cache, length, f"dense @ {length:,}", feed)
         setup = time.perf_counter() - started
         reached = cache.get_seq_length()
         kv_bytes = dense_kv_bytes(cache)
@@ -171,7 +171,7 @@ class DenseMethod(CellMethod):
         latencies = bench.decode(step, length, f"dense @ {length:,}: decoding")
         result = dict(latencies_ms=latencies, kv_bytes=kv_bytes, setup_s=setup, stream_position=reached)
         if bench.cfg.profile:
-            result["profile"] = bench.profile(step, length + bench.cfg.warmup + bench.cfg.steps, f"dense @ {length}")
+            result["profile"] = bench.profile(step, length + bench.cfg.warmup + bench.cfg.steps, f"dense @ {length:,}")
         return result
 
     def nll(self, bench, capacity, x, progress):
@@ -204,7 +204,7 @@ class RecomputeMethod(CellMethod):
         result = dict(latencies_ms=latencies, kv_bytes=0, setup_s=0.0)
         if bench.cfg.profile:
             result["profile"] = bench.profile(step, length + bench.cfg.warmup + bench.cfg.steps,
-                                              f"recompute {context} @ {length}")
+                                              f"recompute {context} @ {length:,}")
         return result
 
     def nll(self, bench, context, x, progress):

@@ -224,7 +224,7 @@ class Bench:
             with torch.inference_mode():
                 return profile_steps(lambda i: step_fn(self.tokens.get(start + i, 1)), self.cfg.profile_steps,
                                      self.device, None if self.run_dir is None else
-                                     self.run_dir / "traces" / f"{label.replace(' ', '-').replace('@', 'at')}.json")
+                                     self.run_dir / "traces" / f"{label.replace(' ', '-').replace('@', 'at').replace(',', '')}.json")
         finally:
             self.profiling = False
             if kv is not None:
@@ -240,7 +240,7 @@ class Bench:
         saving checkpoints (every `checkpoint_every_s`) when the run has a directory."""
         from . import checkpoint
 
-        path = self._checkpoint_path(label.replace(" ", "-").replace("@", "at"))
+        path = self._checkpoint_path(label.replace(" ", "-").replace("@", "at").replace(",", ""))
         start = 0
         if path is not None and path.exists():
             checkpoint.load(path, cache, self.device)

@@ -15,6 +15,7 @@ import argparse
 import html
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,9 +24,10 @@ import numpy as np
 
 from ..results import ResultsError, Run, cache_label, load_run, peak_bytes, write_atomic
 from ..results.paper import paper_table
+from ..results.summary import latency_unit
 
 MIB = 1024**2
-# One colour per method across every figure.
+# One colour per method across every figure; methods not named here get the next free colour of _EXTRA_COLORS.
 METHOD_COLORS = {
     "sink": "#1f77b4",
     "window": "#ff7f0e",
@@ -33,9 +35,15 @@ METHOD_COLORS = {
     "dense": "#d62728",
 }
 _EXTRA_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-RUN_DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
+METHOD_ORDER = ["dense", "recompute", "sink", "window"]
+# Dash and marker by cache size (and run, in a comparison), so that both caches of a method read apart.
+DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+SYMBOLS = ["circle", "square", "diamond", "triangle-up", "triangle-down", "star", "hexagon", "cross"]
+RUN_SYMBOL_VARIANTS = ["", "-open", "-dot", "-open-dot"]
+PATTERNS = ["", "/", ".", "x", "-", "|", "+"]
 ROLLING_TOKENS = 64
 MAX_POINTS = 2500  # per line in the perplexity-by-position figure
+MIN_LINE_POINTS = 3  # fewer points than this are drawn as points (with error bars where the data has a spread)
 
 
 def method_color(method: str) -> str:
@@ -56,6 +64,79 @@ def series_name(rec: dict) -> str:
     return f"{rec['method']} {label}".strip()
 
 
+class Styles:
+    """The visual identity of every (method, cache size, run) of a report, the same in every figure and legend:
+    colour by method, dash and marker symbol by cache size (dash by cache size and run in a comparison). Line width
+    and marker size shrink with the method's place in METHOD_ORDER and traces are drawn in that order, so a series
+    lying exactly on another (sink's KV bytes under window's) still shows as a rim around it."""
+
+    def __init__(self, runs):
+        records = [r for _, run in runs for r in run.records if r.get("record") in ("cell", "quality")]
+        present = {r["method"] for r in records if r.get("method")}
+        others = sorted(m for m in present if m not in METHOD_ORDER)
+        self.methods = [m for m in METHOD_ORDER if m in present] + others
+        self.colors = dict(METHOD_COLORS)
+        free = [c for c in _EXTRA_COLORS if c not in self.colors.values()]
+        for index, method in enumerate(others):
+            self.colors[method] = free[index % len(free)]
+        self.caches = sorted({r["cache_size"] for r in records if r.get("cache_size")})
+        self.runs = [label for label, _ in runs]
+
+    def rank(self, method: str) -> int:
+        return self.methods.index(method) if method in self.methods else len(self.methods)
+
+    def color(self, method: str) -> str:
+        return self.colors.get(method) or method_color(method)
+
+    def _cache_rank(self, cache_size) -> int:
+        return self.caches.index(cache_size) if cache_size in self.caches else 0  # dense has none: solid
+
+    def dash(self, cache_size, run_label=None) -> str:
+        run = self.runs.index(run_label) if run_label in self.runs else 0
+        index = self._cache_rank(cache_size) * len(self.runs) + run
+        return DASHES[index] if index < len(DASHES) else f"{index + 2}px,3px,1px,3px"
+
+    def symbol(self, cache_size, run_label=None) -> str:
+        """The shape by cache size; in a comparison, filled for the first run, open (or dotted) for the others."""
+        run = self.runs.index(run_label) if run_label in self.runs else 0
+        variant = RUN_SYMBOL_VARIANTS[run % len(RUN_SYMBOL_VARIANTS)]
+        return SYMBOLS[self._cache_rank(cache_size) % len(SYMBOLS)] + variant
+
+    def pattern(self, run_label) -> str:
+        """Bars of one method in a comparison: the run is the fill pattern."""
+        run = self.runs.index(run_label) if run_label in self.runs else 0
+        return PATTERNS[run % len(PATTERNS)]
+
+    def _above(self, method: str) -> int:
+        return max(0, len(self.methods) - 1 - self.rank(method))
+
+    def width(self, method: str) -> float:
+        return 1.5 + self._above(method) * min(1.5, 6 / max(1, len(self.methods) - 1))
+
+    def size(self, method: str) -> float:
+        return 7 + self._above(method) * min(5, 20 / max(1, len(self.methods) - 1))
+
+
+def series_trace(styles: Styles, *, method, cache_size, run_label, x, y, name, derived, hovertemplate,
+                 error_y=None, error_x=None, symbols=None, **extra):
+    """One series as a Scatter in its identity. `derived` names how y comes from the records (Plotly's `meta`;
+    the report's tests recompute every y from it). Fewer than MIN_LINE_POINTS points are drawn as points: a line
+    through two points would read as a trend."""
+    import plotly.graph_objects as go
+
+    points = sum(v is not None for v in y)
+    mode = "markers" if points < MIN_LINE_POINTS else "lines+markers"
+    if extra.get("text") is not None:
+        mode += "+text"
+    color = styles.color(method)
+    return go.Scatter(
+        x=x, y=y, mode=mode, name=esc(name), meta=derived if isinstance(derived, dict) else {"y": derived},
+        line=dict(color=color, dash=styles.dash(cache_size, run_label), width=styles.width(method)),
+        marker=dict(color=color, symbol=symbols or styles.symbol(cache_size, run_label), size=styles.size(method),
+                    line=dict(width=0)),
+        error_y=error_y, error_x=error_x, hovertemplate=hovertemplate, **extra)
+
+
 # ---- figures ----------------------------------------------------------------------------------------------------------
 # Each returns a plotly Figure, or None when the runs hold nothing for it. `runs` is a list of (label, Run).
 
@@ -67,107 +148,148 @@ def _run_suffix(runs, label):
     return f" [{label}]" if len(runs) > 1 else ""
 
 
+def _all_cells(runs, status=None):
+    return [c for _, run in runs for c in _cells(run, status)]
+
+
+def _log_ticks(values) -> dict:
+    """A log axis whose ticks are exactly the values measured, spelled out (4,096 rather than 4k or 4.096e3), with
+    room at both ends for the markers."""
+    values = sorted(set(values))
+    low, high = math.log10(values[0]), math.log10(values[-1])
+    pad = max(0.08, (high - low) * 0.06)
+    return dict(type="log", tickvals=values, ticktext=[f"{v:,}" for v in values], range=[low - pad, high + pad])
+
+
+def _latency_error(cells):
+    return dict(type="data", symmetric=False, array=[c["latency_ms"]["p90"] - c["latency_ms"]["p50"] for c in cells],
+                arrayminus=[c["latency_ms"]["p50"] - c["latency_ms"]["min"] for c in cells])
+
+
+def _status_text(cell) -> str:
+    return f"{cell['method']} @ {cell['length']:,}: {cell.get('error') or cell.get('status')}"
+
+
 def fig_latency_vs_cache(runs):
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    lengths = sorted({c["length"] for _, run in runs for c in _cells(run, "ok") if c.get("cache_size")})
+    styles = Styles(runs)
+    ok = _all_cells(runs, "ok")
+    lengths = sorted({c["length"] for c in ok if c.get("cache_size")})
     if not lengths:
         return None
     lengths = lengths[-4:]
-    fig = make_subplots(rows=1, cols=len(lengths), shared_yaxes=True,
+    per = latency_unit(_all_cells(runs))
+    fig = make_subplots(rows=1, cols=len(lengths), shared_yaxes=True, horizontal_spacing=0.06,
                         subplot_titles=[f"stream length {n:,}" for n in lengths])
-    for r_index, (label, run) in enumerate(runs):
-        cells = _cells(run, "ok")
-        for col, length in enumerate(lengths, start=1):
-            for method in sorted({c["method"] for c in cells if c.get("cache_size")}):
-                pts = sorted((c for c in cells if c["method"] == method and c["length"] == length
-                              and c.get("cache_size")), key=lambda c: c["cache_size"])
-                if not pts:
-                    continue
-                p50 = [c["latency_ms"]["p50"] for c in pts]
-                speed = [c.get("speedup_vs_recompute") for c in pts]
-                # the paper's Figure 10 labels StreamingLLM's speedup; the other speedups are in the hover
-                text = [f"×{s:.1f}" if isinstance(s, (int, float)) and method == "sink" else "" for s in speed]
-                fig.add_trace(go.Scatter(
-                    x=[c["cache_size"] for c in pts], y=p50, mode="lines+markers+text", text=text,
-                    textposition="bottom center", name=esc(method + _run_suffix(runs, label)),
-                    legendgroup=method + label, showlegend=col == 1,
-                    line=dict(color=method_color(method), dash=RUN_DASHES[r_index % len(RUN_DASHES)]),
-                    error_y=dict(type="data", symmetric=False,
-                                 array=[c["latency_ms"]["p90"] - c["latency_ms"]["p50"] for c in pts],
-                                 arrayminus=[c["latency_ms"]["p50"] - c["latency_ms"]["min"] for c in pts]),
-                    customdata=[[c["latency_ms"]["p90"], c["latency_ms"]["p99"], cache_label(c),
-                                 f"{s:.1f}" if isinstance(s, (int, float)) else "–"] for c, s in zip(pts, speed)],
-                    hovertemplate="cache %{customdata[2]}<br>p50 %{y:.3f} ms<br>p90 %{customdata[0]:.3f} ms"
-                                  "<br>p99 %{customdata[1]:.3f} ms<br>×%{customdata[3]} vs recompute<extra>"
-                                  + esc(method) + "</extra>",
-                ), row=1, col=col)
-            dense = [c for c in cells if c["method"] == "dense" and c["length"] == length]
-            sizes = [c["cache_size"] for c in cells if c.get("cache_size") and c["length"] == length]
-            if dense and sizes:  # dense has no cache size: a level across the figure
-                p50 = dense[0]["latency_ms"]["p50"]
-                fig.add_trace(go.Scatter(
-                    x=[min(sizes), max(sizes)], y=[p50, p50], mode="lines+text", text=["", f"dense {p50:.1f} ms"],
-                    textposition="top left", name=esc("dense" + _run_suffix(runs, label)),
-                    legendgroup="dense" + label, showlegend=col == 1,
-                    line=dict(color=METHOD_COLORS["dense"], dash="dot"),
-                    hovertemplate=f"dense p50 {p50:.3f} ms<extra></extra>"), row=1, col=col)
-    fig.update_xaxes(type="log", title_text="cache size (tokens)")
-    fig.update_yaxes(type="log", title_text="per-token decode latency, p50 (ms)", col=1)
-    fig.update_layout(title="Per-token latency against cache size (error bars: min to p90; labels: speedup over "
-                            "sliding window with re-computation; the paper's Figure 10)")
+    caches = sorted({c["cache_size"] for c in ok if c.get("cache_size") and c["length"] in lengths})
+    for col, length in enumerate(lengths, start=1):
+        suffix = "" if col == 1 else str(col)
+        levels = []  # methods without a cache size: a level across the panel, named in the panel
+        for label, run in runs:
+            cells = [c for c in _cells(run) if c["length"] == length]
+            for method in sorted({c["method"] for c in cells}, key=styles.rank):
+                pts = sorted((c for c in cells if c["method"] == method and c.get("cache_size")
+                              and c.get("status") == "ok"), key=lambda c: c["cache_size"])
+                if pts:
+                    speed = [c.get("speedup_vs_recompute") for c in pts]
+                    # the paper's Figure 10 labels StreamingLLM's speedup; the other speedups are in the hover
+                    text = [f"×{s:.1f}" if isinstance(s, (int, float)) and method == "sink" else "" for s in speed]
+                    name = method + _run_suffix(runs, label)
+                    fig.add_trace(series_trace(
+                        styles, method=method, cache_size=None, run_label=label, x=[c["cache_size"] for c in pts],
+                        y=[c["latency_ms"]["p50"] for c in pts], name=name, derived="cell.latency_ms.p50",
+                        symbols=[styles.symbol(c["cache_size"], label) for c in pts], error_y=_latency_error(pts),
+                        text=text, textposition="bottom center", legendgroup=name, showlegend=col == 1,
+                        customdata=[[c["latency_ms"]["p90"], c["latency_ms"]["p99"], cache_label(c),
+                                     f"{s:.1f}" if isinstance(s, (int, float)) else "–"] for c, s in zip(pts, speed)],
+                        hovertemplate="cache %{customdata[2]}<br>p50 %{y:.3f} ms<br>p90 %{customdata[0]:.3f} ms"
+                                      "<br>p99 %{customdata[1]:.3f} ms<br>×%{customdata[3]} vs recompute<extra>"
+                                      + esc(name) + "</extra>"), row=1, col=col)
+                for c in cells:
+                    if c["method"] == method and not c.get("cache_size"):
+                        if c.get("status") == "ok":
+                            p50 = c["latency_ms"]["p50"]
+                            fig.add_hline(y=p50, row=1, col=col, exclude_empty_subplots=False,
+                                          line=dict(color=styles.color(method), dash="dot",
+                                                    width=min(3.0, styles.width(method))))
+                            levels.append(f"<span style='color:{styles.color(method)}'>{esc(method)}"
+                                          f"{esc(_run_suffix(runs, label))}: {p50:,.1f} ms (holds all "
+                                          f"{length:,} tokens; dotted)</span>")
+                        else:
+                            levels.append(f"<span style='color:{styles.color(method)}'>"
+                                          f"{esc(_status_text(c))}{esc(_run_suffix(runs, label))}</span>")
+        if levels:
+            fig.add_annotation(xref=f"x{suffix} domain", yref=f"y{suffix} domain", x=0.02, y=0.98, showarrow=False,
+                               xanchor="left", yanchor="top", align="left", text="<br>".join(levels),
+                               bgcolor="rgba(255,255,255,0.8)", font=dict(size=11))
+    fig.update_xaxes(title_text="cache size (tokens, sinks included; marker: cache size)", **_log_ticks(caches))
+    fig.update_yaxes(type="log", showticklabels=True)
+    fig.update_yaxes(title_text=f"decode latency per {per}, p50 (ms)", col=1)
+    fig.update_layout(title=f"Latency per {per} against cache size (error bars: fastest step to p90; labels: "
+                            "StreamingLLM's speedup over sliding window with re-computation; the paper's Figure 10)")
     return fig
 
 
-def _by_length_figure(runs, value, title, y_title, log_y=True):
+def _by_length_figure(runs, value, title, y_title, derived, log_y=True, error=None, zero_note=None):
+    """One series per (method, cache size, run) against stream length. A cell that did not run (OOM) is a note at
+    its length, not a point: no value was measured there."""
+    styles = Styles(runs)
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    have = False
-    oom_y = None
-    for r_index, (label, run) in enumerate(runs):
+    lengths, notes, zero = set(), [], []
+    for label, run in runs:
         cells = _cells(run)
-        keys = sorted({(c["method"], c.get("cache_size") or 0, c.get("sinks") or 0) for c in cells})
-        for method, cache_size, sinks in keys:
+        keys = sorted({(c["method"], c.get("cache_size") or 0) for c in cells},
+                      key=lambda k: (styles.rank(k[0]), k[1]))
+        for method, cache_size in keys:
             pts = sorted((c for c in cells if c["method"] == method and (c.get("cache_size") or 0) == cache_size),
                          key=lambda c: c["length"])
-            ok = [c for c in pts if c.get("status") == "ok" and value(c) is not None]
-            bad = [c for c in pts if c.get("status") != "ok"]
+            lengths.update(c["length"] for c in pts)
             name = series_name(pts[0]) + _run_suffix(runs, label)
-            dash = RUN_DASHES[r_index % len(RUN_DASHES)]
-            if ok:
-                have = True
-                ys = [value(c) for c in ok]
-                oom_y = min(ys + ([oom_y] if oom_y else []))
-                fig.add_trace(go.Scatter(x=[c["length"] for c in ok], y=ys, mode="lines+markers", name=esc(name),
-                                         line=dict(color=method_color(method), dash=dash),
-                                         hovertemplate="length %{x:,}<br>%{y:,.2f}<extra>" + esc(name) + "</extra>"))
-            if bad:
-                fig.add_trace(go.Scatter(
-                    x=[c["length"] for c in bad], y=[None] * len(bad), mode="markers", name=esc(name + " OOM"),
-                    marker=dict(symbol="x", size=14, color=method_color(method)),
-                    customdata=[esc(c.get("error", c.get("status"))) for c in bad],
-                    hovertemplate="length %{x:,}<br>%{customdata}<extra>" + esc(name) + "</extra>",
-                    meta="oom"))
-    if not have:
+            ok = [c for c in pts if c.get("status") == "ok"]
+            notes += [(c, label) for c in pts if c.get("status") != "ok"]
+            if log_y and ok and all(value(c) == 0 for c in ok):
+                zero.append(name)  # nothing to draw on a log axis: said in the figure instead
+            ok = [c for c in ok if value(c) is not None and not (log_y and value(c) <= 0)]
+            if not ok:
+                continue
+            fig.add_trace(series_trace(
+                styles, method=method, cache_size=cache_size or None, run_label=label, x=[c["length"] for c in ok],
+                y=[value(c) for c in ok], name=name, derived=derived, error_y=error(ok) if error else None,
+                hovertemplate="length %{x:,}<br>%{y:,.2f}<extra>" + esc(name) + "</extra>"))
+    if not fig.data:
         return None
-    floor = (oom_y or 1) / 2
-    for trace in fig.data:
-        if trace.meta == "oom":
-            trace.y = [floor] * len(trace.x)
-            for x, why in zip(trace.x, trace.customdata):
-                fig.add_annotation(x=math.log10(x), y=math.log10(floor) if log_y else floor, text=why,
-                                   showarrow=True, arrowhead=2, ay=-30, font=dict(color="#b00", size=11))
-    fig.update_xaxes(type="log", title_text="stream length (tokens)")
-    fig.update_yaxes(type="log" if log_y else "linear", title_text=y_title)
+    for index, (cell, label) in enumerate(notes):
+        # a note with an arrow down to its length on the axis: no value was measured, so nothing is plotted
+        right = cell["length"] == max(lengths)
+        fig.add_annotation(x=math.log10(cell["length"]), yref="y domain", y=0, showarrow=True, arrowhead=2,
+                           arrowcolor=styles.color(cell["method"]), ax=-40 if right else 40, ay=-40 - 22 * index,
+                           xanchor="right" if right else "left", align="left",
+                           text="✕ " + esc(_status_text(cell) + _run_suffix(runs, label)),
+                           font=dict(color=styles.color(cell["method"])), bgcolor="rgba(255,255,255,0.85)")
+    if zero:
+        fig.add_annotation(xref="paper", yref="paper", x=0, y=-0.2, showarrow=False, xanchor="left", align="left",
+                           text=esc(f"{', '.join(zero)}: {zero_note or 'zero, not drawn on a log scale'}"))
+    fig.update_xaxes(title_text="stream length (tokens)", **_log_ticks(lengths))
+    fig.update_yaxes(type="log" if log_y else "linear", title_text=y_title, rangemode="tozero")
     fig.update_layout(title=title)
     return fig
 
 
 def fig_throughput_vs_length(runs):
+    def spread(cells):
+        # the rate of the p90 step and of the fastest one, around the run's mean rate
+        rates = [(c.get("batch") or 1) * 1000 / np.array([c["latency_ms"]["p90"], c["latency_ms"]["min"]])
+                 for c in cells]
+        return dict(type="data", symmetric=False,
+                    array=[max(0.0, r[1] - c["tokens_per_s"]) for r, c in zip(rates, cells)],
+                    arrayminus=[max(0.0, c["tokens_per_s"] - r[0]) for r, c in zip(rates, cells)])
+
     return _by_length_figure(runs, lambda c: c.get("tokens_per_s"), "Decode throughput against stream length "
-                             "(✕: did not fit in memory)", "tokens per second")
+                             "(error bars: the rate of the p90 step to that of the fastest; ✕: did not run)",
+                             "tokens per second (all streams)", "cell.tokens_per_s", error=spread)
 
 
 def fig_memory_vs_length(runs):
@@ -176,12 +298,14 @@ def fig_memory_vs_length(runs):
         return value / MIB if value else None
 
     return _by_length_figure(runs, peak, "Peak memory against stream length (process RSS on CPU, torch max "
-                             "allocated on GPU; ✕: did not fit)", "peak memory (MiB)")
+                             "allocated on GPU; one reading per cell; ✕: did not run)", "peak memory (MiB)",
+                             "cell.peak_bytes / MiB", log_y=False)
 
 
 def fig_kv_vs_length(runs):
-    return _by_length_figure(runs, lambda c: (c.get("kv_bytes") or 0) / MIB or None,
-                             "Bytes held by the KV cache against stream length", "KV cache (MiB)")
+    return _by_length_figure(runs, lambda c: None if c.get("kv_bytes") is None else c["kv_bytes"] / MIB,
+                             "Bytes held by the KV cache against stream length (✕: did not run)", "KV cache (MiB)",
+                             "cell.kv_bytes / MiB", zero_note="keep no KV cache (0 bytes; not drawn on the log scale)")
 
 
 def _quality(run: Run, experiment: str | None = None):
@@ -195,31 +319,39 @@ def _quality(run: Run, experiment: str | None = None):
 def fig_ppl_by_position(runs):
     import plotly.graph_objects as go
 
+    styles = Styles(runs)
     fig = go.Figure()
-    pretraining, caches = set(), set()
-    for r_index, (label, run) in enumerate(runs):
-        for rec in _quality(run):
+    pretraining, caches, bin_widths = set(), set(), set()
+    for label, run in runs:
+        for rec in sorted(_quality(run), key=lambda r: (styles.rank(r["method"]), r.get("cache_size") or 0)):
             name = series_name(rec) + _run_suffix(runs, label)
-            dash = RUN_DASHES[r_index % len(RUN_DASHES)]
+            method, cache_size = rec["method"], rec.get("cache_size")
             nll = np.array([np.nan if v is None else v for v in rec["nll"]], dtype=float)
             if rec.get("pretraining_length"):
                 pretraining.add(rec["pretraining_length"])
-            if rec.get("cache_size"):
-                caches.add(rec["cache_size"])
-            if rec.get("sampled"):  # a handful of samples per bin: wide bins, with their sample counts
+            if cache_size:
+                caches.add(cache_size)
+            if rec.get("sampled"):
+                # a handful of samples per bin: each bin is a point at its mean with the 95% interval of that mean
+                # (and the bin's extent), never a line through two or three far-apart means
                 width = max(1024, len(nll) // 12)
+                bin_widths.add(width)
                 bins = []
                 for start in range(0, len(nll), width):
                     part = nll[start:start + width]
                     part = part[~np.isnan(part)]
                     if part.size:
-                        bins.append((start + min(width, len(nll) - start) / 2 + 1, float(part.mean()), part.size))
-                fig.add_trace(go.Scatter(
-                    x=[b[0] for b in bins], y=[b[1] for b in bins], mode="markers+lines",
-                    name=esc(name + f" (sampled, {rec['sample_size']} positions)"),
-                    line=dict(color=method_color(rec["method"]), dash="dot"), customdata=[b[2] for b in bins],
-                    hovertemplate=f"tokens in a {width:,}-token bin around %{{x:,.0f}}<br>log PPL %{{y:.3f}} "
-                                  "(%{customdata} samples)<extra></extra>"))
+                        half = 1.96 * float(part.std(ddof=1)) / math.sqrt(part.size) if part.size > 1 else 0.0
+                        span = min(width, len(nll) - start)
+                        bins.append((start + span / 2 + 1, float(part.mean()), part.size, half))
+                fig.add_trace(series_trace(
+                    styles, method=method, cache_size=cache_size, run_label=label, x=[b[0] for b in bins],
+                    y=[b[1] for b in bins],
+                    name=name + f" (sampled, {rec['sample_size']} positions)",
+                    derived={"y": "quality.nll bin mean", "width": width},
+                    error_y=dict(type="data", array=[b[3] for b in bins]), customdata=[b[2] for b in bins],
+                    hovertemplate=f"the {width:,}-token bin around %{{x:,.0f}}<br>mean NLL %{{y:.3f}} ± "
+                                  "%{error_y.array:.3f} (95%, %{customdata} samples)<extra></extra>"))
                 continue
             window = min(ROLLING_TOKENS, max(1, len(nll) // 4))
             kernel = np.ones(window) / window
@@ -227,8 +359,10 @@ def fig_ppl_by_position(runs):
             # A point every few tokens is all a screen shows; it keeps a 20k-token report small.
             stride = max(1, len(rolling) // MAX_POINTS)
             fig.add_trace(go.Scatter(x0=window + 1, dx=stride, y=np.round(rolling[::stride], 4), mode="lines",
-                                     name=esc(name),
-                                     line=dict(color=method_color(rec["method"]), dash=dash),
+                                     name=esc(name), meta={"y": "quality.nll rolling mean", "window": window,
+                                                           "stride": stride, "decimals": 4},
+                                     line=dict(color=styles.color(method), dash=styles.dash(cache_size, label),
+                                               width=styles.width(method) / 2 + 0.75),
                                      hovertemplate="token %{x:,}<br>log PPL %{y:.3f}<extra>" + esc(name)
                                                    + "</extra>"))
     if not fig.data:
@@ -246,17 +380,22 @@ def fig_ppl_by_position(runs):
                       annotation_position="bottom right")
     fig.update_xaxes(title_text="token position")
     fig.update_yaxes(title_text=f"log perplexity (rolling mean of NLL over {ROLLING_TOKENS} tokens)")
-    note = f" (the model's pre-training length, {beyond[0]:,}, lies beyond these tokens)" if beyond else ""
-    fig.update_layout(title="Log perplexity against token position (the paper's Figure 3)" + note)
+    notes = [f"the model's pre-training length, {beyond[0]:,}, lies beyond these tokens"] if beyond else []
+    if bin_widths:
+        notes.append(f"points: a sampled method's mean NLL per {', '.join(f'{w:,}' for w in sorted(bin_widths))}-token "
+                     "bin, with its 95% interval")
+    fig.update_layout(title="Log perplexity against token position (the paper's Figure 3)"
+                            + (f"<br><sup>{esc('; '.join(notes))}</sup>" if notes else ""))
     return fig
 
 
 def fig_ppl_bars(runs):
     import plotly.graph_objects as go
 
+    styles = Styles(runs)
     fig = go.Figure()
     for label, run in runs:
-        recs = _quality(run)
+        recs = sorted(_quality(run), key=lambda r: (styles.rank(r["method"]), r.get("cache_size") or 0))
         if not recs:
             continue
         names = [series_name(r) for r in recs]
@@ -264,8 +403,8 @@ def fig_ppl_bars(runs):
         upper = [(r["ppl_ci95"][1] - r["ppl"]) if r.get("ppl_ci95") else 0 for r in recs]
         lower = [(r["ppl"] - r["ppl_ci95"][0]) if r.get("ppl_ci95") else 0 for r in recs]
         fig.add_trace(go.Bar(
-            x=[esc(n) for n in names], y=ppl, name=esc(label) if len(runs) > 1 else "PPL",
-            marker_color=[method_color(r["method"]) for r in recs],
+            x=[esc(n) for n in names], y=ppl, name=esc(label) if len(runs) > 1 else "PPL", meta={"y": "quality.ppl"},
+            marker=dict(color=[styles.color(r["method"]) for r in recs], pattern_shape=styles.pattern(label)),
             error_y=dict(type="data", symmetric=False, array=upper, arrayminus=lower),
             text=[f"{p:.2f}" + (" (sampled)" if r.get("sampled") else "") for p, r in zip(ppl, recs)],
             textposition="outside",
@@ -282,6 +421,7 @@ def fig_ppl_bars(runs):
 def fig_sinks(runs):
     import plotly.graph_objects as go
 
+    styles = Styles(runs)
     fig = go.Figure()
     for label, run in runs:
         recs = sorted(_quality(run, "sinks"), key=lambda r: r.get("sinks") or 0)
@@ -290,7 +430,9 @@ def fig_sinks(runs):
         fig.add_trace(go.Bar(
             x=[f"{r.get('sinks') or 0}+{r['cache_size'] - (r.get('sinks') or 0)}" for r in recs],
             y=[r["ppl"] for r in recs], name=esc(label), text=[f"{r['ppl']:.2f}" for r in recs],
-            textposition="outside", marker_color=[method_color("sink" if r.get("sinks") else "window") for r in recs],
+            meta={"y": "quality.ppl"},
+            textposition="outside", marker=dict(color=[styles.color(r["method"]) for r in recs],
+                                                pattern_shape=styles.pattern(label)),
             hovertemplate="%{x}<br>PPL %{y:.3f}<extra></extra>"))
     if not fig.data:
         return None
@@ -305,20 +447,24 @@ def fig_sinks(runs):
 def fig_cache_sizes(runs):
     import plotly.graph_objects as go
 
+    styles = Styles(runs)
     fig = go.Figure()
+    sizes = set()
     for label, run in runs:
         recs = sorted(_quality(run, "cache"), key=lambda r: r["cache_size"])
         if not recs:
             continue
-        fig.add_trace(go.Scatter(x=[r["cache_size"] for r in recs], y=[r["ppl"] for r in recs],
-                                 mode="lines+markers+text", text=[f"{r['ppl']:.2f}" for r in recs],
-                                 textposition="top center", name=esc(label), line=dict(color=METHOD_COLORS["sink"]),
-                                 # x is the capacity; the label is sinks+window ("4+252" for 256), like the tables
-                                 customdata=[cache_label(r) for r in recs],
-                                 hovertemplate="cache %{customdata}<br>PPL %{y:.3f}<extra></extra>"))
+        sizes.update(r["cache_size"] for r in recs)
+        fig.add_trace(series_trace(
+            styles, method=recs[0]["method"], cache_size=None, run_label=label, x=[r["cache_size"] for r in recs],
+            y=[r["ppl"] for r in recs], name=label, derived="quality.ppl", text=[f"{r['ppl']:.2f}" for r in recs],
+            symbols=[styles.symbol(r["cache_size"], label) for r in recs], textposition="top center",
+            # x is the capacity; the hover reads sinks+window ("4+252" for 256), like the tables
+            customdata=[cache_label(r) for r in recs],
+            hovertemplate="cache %{customdata}<br>PPL %{y:.3f}<extra></extra>"))
     if not fig.data:
         return None
-    fig.update_xaxes(type="log", title_text="total cache size (tokens, 4 of them sinks)")
+    fig.update_xaxes(title_text="total cache size (tokens, 4 of them sinks)", **_log_ticks(sizes))
     fig.update_yaxes(title_text="perplexity")
     fig.update_layout(title="The cache size at 4 sinks (the paper's Table 6)", showlegend=len(runs) > 1)
     return fig
@@ -327,16 +473,17 @@ def fig_cache_sizes(runs):
 def fig_stability(runs):
     import plotly.graph_objects as go
 
+    styles = Styles(runs)
     fig = go.Figure()
-    for r_index, (label, run) in enumerate(runs):
+    for label, run in runs:
         recs = _quality(run, "stability") + [r for r in _quality(run, "ppl") if r["method"] in ("window", "dense")]
-        for r in recs:
+        for r in sorted(recs, key=lambda r: styles.rank(r["method"])):
             buckets = [b for b in r["buckets"] if b.get("ppl")]
             name = series_name(r) + _run_suffix(runs, label)
-            fig.add_trace(go.Scatter(
-                x=[b["end"] - 1 for b in buckets], y=[b["ppl"] for b in buckets], mode="lines+markers",
-                name=esc(name + (f" ({r['tokens']:,} tokens)" if "stability" in r.get("experiments", []) else "")),
-                line=dict(color=method_color(r["method"]), dash=RUN_DASHES[r_index % len(RUN_DASHES)]),
+            fig.add_trace(series_trace(
+                styles, method=r["method"], cache_size=r.get("cache_size"), run_label=label,
+                x=[b["end"] - 1 for b in buckets], y=[b["ppl"] for b in buckets], derived="quality.buckets.ppl",
+                name=name + (f" ({r['tokens']:,} tokens)" if "stability" in r.get("experiments", []) else ""),
                 hovertemplate="tokens up to %{x:,}<br>chunk PPL %{y:.3f}<extra></extra>"))
     if not fig.data:
         return None
@@ -418,6 +565,7 @@ def fig_profile(runs):
     for key, title, color in PROFILE_PARTS:
         values = [c["profile"]["ms_per_step"].get(key, 0.0) for _, c in cells]
         fig.add_trace(go.Bar(x=names, y=values, name=title, marker_color=color,
+                             meta={"y": f"cell.profile.ms_per_step.{key}"},
                              hovertemplate="%{x}<br>" + title + ": %{y:.3f} ms per step<extra></extra>"))
     fig.update_layout(barmode="stack", title="Where a decode step goes (torch.profiler ranges, --profile; profiler "
                       "overhead included)")
@@ -448,17 +596,20 @@ def _num(value, spec="{:,.2f}"):
 
 
 def cells_table(runs) -> str:
-    head = ("<tr><th>run</th><th>method</th><th>cache</th><th>length</th><th>mode</th><th>p50 ms</th>"
-            "<th>p90 ms</th><th>p99 ms</th><th>tokens/s</th><th>peak MiB</th><th>KV MiB</th>"
-            "<th>× recompute</th><th>note</th></tr>")
+    cells = _all_cells(runs)
+    per = latency_unit(cells)
+    head = ("<tr><th>run</th><th>method</th><th>cache</th><th>length</th><th>mode</th><th>batch</th>"
+            f"<th>p50 ms/{per}</th><th>p90 ms/{per}</th><th>p99 ms/{per}</th><th>tokens/s</th><th>peak MiB</th>"
+            "<th>KV MiB</th><th>× recompute</th><th>note</th></tr>")
     rows = []
     for label, run in runs:
         for c in _cells(run):
             note = "text cycled" if c.get("text_cycled") else ""
+            first = (f"<td>{esc(label)}</td><td>{esc(c['method'])}</td><td>{esc(cache_label(c))}</td>"
+                     f"<td>{c['length']:,}</td><td>{esc(c.get('mode'))}</td><td>{c.get('batch') or 1}</td>")
             if c.get("status") != "ok":
-                rows.append(f"<tr class='oom'><td>{esc(label)}</td><td>{esc(c['method'])}</td>"
-                            f"<td>{esc(cache_label(c))}</td><td>{c['length']:,}</td><td>{esc(c.get('mode'))}</td>"
-                            f"<td colspan='7'>{esc(c.get('error', c.get('status')))}</td><td>{esc(note)}</td></tr>")
+                rows.append(f"<tr class='oom'>{first}<td colspan='7'>{esc(c.get('error', c.get('status')))}</td>"
+                            f"<td>{esc(note)}</td></tr>")
                 continue
             lat = c["latency_ms"]
             speed = c.get("speedup_vs_recompute")
@@ -468,14 +619,20 @@ def cells_table(runs) -> str:
                 speed = f"{speed:.1f}"
             peak = peak_bytes(c)
             rows.append(
-                f"<tr><td>{esc(label)}</td><td>{esc(c['method'])}</td><td>{esc(cache_label(c))}</td>"
-                f"<td>{c['length']:,}</td><td>{esc(c.get('mode'))}</td><td>{_num(lat['p50'])}</td>"
+                f"<tr>{first}<td>{_num(lat['p50'])}</td>"
                 f"<td>{_num(lat['p90'])}</td><td>{_num(lat['p99'])}</td><td>{_num(c.get('tokens_per_s'))}</td>"
                 f"<td>{_num(peak / MIB if peak else None, '{:,.0f}')}</td>"
-                f"<td>{_num((c.get('kv_bytes') or 0) / MIB)}</td><td>{esc(speed or '–')}</td><td>{esc(note)}</td></tr>")
+                f"<td>{_num((c.get('kv_bytes') or 0) / MIB)}</td><td>{esc(speed or '–')}</td>"
+                f"<td>{esc(note)}</td></tr>")
     if not rows:
         return ""
-    return f"<table class='cells'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
+    if per == "token":
+        intro = "Latency per decode step; at batch 1 a step decodes one token, so it is the latency per token."
+    else:
+        intro = ("Latency per decode step: a step decodes one token in each of the batch's streams, so the time per "
+                 "token of one stream is the step's; tokens/s counts the tokens of every stream.")
+    return (f"<h2>Cells</h2><p>{intro}</p>"
+            f"<table class='cells'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def quality_table(runs) -> str:
@@ -496,33 +653,62 @@ def quality_table(runs) -> str:
                         f"<td>{esc(interval)}</td><td>{esc(note)}</td></tr>")
     if not rows:
         return ""
-    return ("<table class='quality'><thead><tr><th>run</th><th>method</th><th>cache</th><th>tokens</th><th>PPL</th>"
+    return ("<h2>Perplexity</h2><p>Per-token NLL of each method over the first tokens of the text, as PPL; the "
+            "interval is the 95% confidence interval where positions were sampled.</p>"
+            "<table class='quality'><thead><tr><th>run</th><th>method</th><th>cache</th><th>tokens</th><th>PPL</th>"
             "<th>95% CI</th><th>note</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
+def _cell_key(c) -> tuple:
+    """What makes two runs' cells comparable: the same measurement, batch included (a step of 4 streams is not a
+    step of 1)."""
+    return (c["method"], c.get("cache_size"), c["length"], c.get("mode"), c.get("batch") or 1)
+
+
+def _key_text(c) -> str:
+    batch = c.get("batch") or 1
+    return (f"{c['method']} {cache_label(c)}".strip() + f" @ {c['length']:,} ({c.get('mode')}"
+            + (f", batch {batch}" if batch > 1 else "") + ")")
+
+
 def ratio_table(runs) -> str:
-    """Cells present in the first run and in later ones: p50 per run and the ratio to the first."""
+    """Every cell of every run, p50 per run and the ratio to the first; a run with no cell in common with the first
+    is said to have none, in words, above the table."""
     if len(runs) < 2:
         return ""
     base_label, base = runs[0]
-    base_cells = {(c["method"], c.get("cache_size"), c["length"], c.get("mode")): c for c in _cells(base, "ok")}
-    head = "<tr><th>method</th><th>cache</th><th>length</th><th>" + esc(base_label) + " p50 ms</th>"
-    head += "".join(f"<th>{esc(label)} p50 ms</th><th>ratio</th>" for label, _ in runs[1:]) + "</tr>"
+    by_run = [{_cell_key(c): c for c in _cells(run, "ok")} for _, run in runs]
+    keys = list(dict.fromkeys(k for cells in by_run for k in cells))  # the first run's cells first, then the others'
+    notes = []
+    for (label, _), cells in zip(runs[1:], by_run[1:]):
+        if not set(cells) & set(by_run[0]):
+            def listing(run_cells):
+                return "; ".join(esc(_key_text(c)) for c in run_cells.values()) or "no finished cell"
+
+            notes.append(f"<p class='warn'><b>{esc(base_label)} and {esc(label)} have no cell in common</b> (same "
+                         f"method, cache, length, mode and batch), so there is no ratio to show. {esc(base_label)} "
+                         f"measured: {listing(by_run[0])}. {esc(label)} measured: {listing(cells)}.</p>")
+    head = "<tr><th>method</th><th>cache</th><th>length</th><th>mode</th><th>batch</th><th>" + esc(base_label)
+    head += " p50 ms</th>" + "".join(f"<th>{esc(label)} p50 ms</th><th>ratio</th>" for label, _ in runs[1:]) + "</tr>"
     rows = []
-    for key, cell in base_cells.items():
+    for key in keys:
+        cell = next(cells[key] for cells in by_run if key in cells)
+        base_cell = by_run[0].get(key)
         cols = []
-        for _, run in runs[1:]:
-            other = {(c["method"], c.get("cache_size"), c["length"], c.get("mode")): c for c in _cells(run, "ok")}
-            if key in other:
-                ratio = other[key]["latency_ms"]["p50"] / cell["latency_ms"]["p50"]
+        for cells in by_run[1:]:
+            if key in cells and base_cell is not None:
+                ratio = cells[key]["latency_ms"]["p50"] / base_cell["latency_ms"]["p50"]
                 cls = "slower" if ratio > 1.1 else "faster" if ratio < 0.9 else ""
-                cols.append(f"<td>{_num(other[key]['latency_ms']['p50'])}</td><td class='{cls}'>{ratio:.3f}</td>")
+                cols.append(f"<td>{_num(cells[key]['latency_ms']['p50'])}</td><td class='{cls}'>{ratio:.3f}</td>")
+            elif key in cells:
+                cols.append(f"<td>{_num(cells[key]['latency_ms']['p50'])}</td><td>–</td>")
             else:
                 cols.append("<td>–</td><td>–</td>")
         rows.append(f"<tr><td>{esc(key[0])}</td><td>{esc(cache_label(cell))}</td><td>{key[2]:,}</td>"
-                    f"<td>{_num(cell['latency_ms']['p50'])}</td>{''.join(cols)}</tr>")
-    return ("<h2>Side by side: latency ratio to " + esc(base_label) + "</h2><table class='ratios'><thead>" + head
-            + "</thead><tbody>" + "".join(rows) + "</tbody></table>")
+                    f"<td>{esc(key[3])}</td><td>{key[4]}</td>"
+                    f"<td>{_num(base_cell['latency_ms']['p50']) if base_cell else '–'}</td>{''.join(cols)}</tr>")
+    return ("<h2>Side by side: latency ratio to " + esc(base_label) + "</h2>" + "".join(notes)
+            + "<table class='ratios'><thead>" + head + "</thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
 def header(runs) -> str:
@@ -556,6 +742,7 @@ table{border-collapse:collapse;margin:8px 0 24px;font-size:13px} th,td{border:1p
 th{background:#f4f4f4;text-align:left} td{text-align:right} table.meta td{text-align:left}
 table td:nth-child(2),table td:nth-child(1){text-align:left} tr.oom td{color:#b00}
 td.slower{background:#fdd} td.faster{background:#dfd} code{font-size:12px;word-break:break-all}
+p.warn{color:#8a4b00;background:#fff6e0;padding:8px}
 .figure{width:100%;height:520px;margin:12px 0 28px}
 """
 
@@ -578,6 +765,71 @@ def _figure_json(fig) -> dict:
     return json.loads(fig.to_json())
 
 
+def enforce_reading_rules(fig) -> None:
+    """Rules every figure keeps, whichever function drew it: an axis that matches another (a shared axis) has its
+    type (a linear axis matched to a log one puts its points on another scale) and shows its own ticks; a scatter
+    series of fewer than MIN_LINE_POINTS points is drawn as points, not a line."""
+    layout = fig.layout
+    for name in layout.to_plotly_json():
+        if re.fullmatch(r"[xy]axis\d*", name) and layout[name].matches:
+            target = layout[name].matches
+            layout[name].type = layout[target[0] + "axis" + target[1:]].type
+            layout[name].showticklabels = True
+    for trace in fig.data:
+        if trace.type == "scatter" and trace.mode and "lines" in trace.mode and trace.y is not None:
+            if sum(v is not None for v in trace.y) < MIN_LINE_POINTS:
+                trace.mode = "+".join(part for part in trace.mode.split("+") if part != "lines") or "markers"
+                if "markers" not in trace.mode:
+                    trace.mode = "markers+" + trace.mode
+
+
+def _log_tick_values(low: float, high: float) -> list[float]:
+    """1, 2, 5 times powers of ten between low and high, or every digit where that gives fewer than three."""
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    for digits in ((1, 2, 5), range(1, 10)):
+        ticks = [d * 10.0**k for k in decades for d in digits if low <= d * 10.0**k <= high]
+        if len(ticks) >= 3:
+            return ticks
+    return ticks
+
+
+def readable_log_axes(fig) -> None:
+    """Log y axes labelled with whole values (50, 100, 200 rather than a 100 among bare digits 2 3 4), ranged over
+    every value drawn on them: points, error bars and level lines."""
+    layout = fig.layout
+    groups = {}
+    for name in layout.to_plotly_json():
+        if re.fullmatch(r"yaxis\d*", name) and layout[name].type == "log":
+            ref = "y" + name[5:]
+            groups.setdefault(layout[name].matches or ref, set()).add(ref)
+    for root, refs in groups.items():
+        refs = refs | {root}
+        values = []
+        for trace in fig.data:
+            if trace.type not in ("scatter", "bar") or (trace.yaxis or "y") not in refs or trace.y is None:
+                continue
+            ys = np.array([np.nan if v is None else v for v in trace.y], dtype=float)
+            values += list(ys)
+            err = trace.error_y
+            if err is not None and err.array is not None:
+                up = np.array(err.array, dtype=float)
+                down = np.array(err.array if err.symmetric in (None, True) or err.arrayminus is None
+                                else err.arrayminus, dtype=float)
+                values += list(ys + up) + list(ys - down)
+        values += [s.y0 for s in layout.shapes if s.type == "line" and s.y0 == s.y1 and (s.yref or "y") in refs]
+        values = [v for v in values if v is not None and np.isfinite(v) and v > 0]
+        if not values:
+            continue
+        low, high = min(values), max(values)
+        span = math.log10(high) - math.log10(low)
+        pad = max(0.06, 0.08 * span)
+        ticks = _log_tick_values(low / 10**pad, high * 10**pad)
+        for ref in refs:
+            fig.layout["yaxis" + ref[1:]].update(
+                tickvals=ticks, ticktext=[f"{v:,.0f}" if v >= 1 else f"{v:g}" for v in ticks],
+                range=[math.log10(low) - pad, math.log10(high) + pad])
+
+
 def build_report(runs: list[tuple[str, Run]]) -> str:
     from plotly.offline import get_plotlyjs
 
@@ -585,6 +837,8 @@ def build_report(runs: list[tuple[str, Run]]) -> str:
     for name, make in FIGURES:
         fig = make(runs)
         if fig is not None:
+            enforce_reading_rules(fig)
+            readable_log_axes(fig)
             fig.update_layout(template="plotly_white", legend=dict(orientation="v"))
             figures.append((name, _figure_json(fig)))
     divs = "\n".join(f"<div class='figure' id='fig-{esc(name)}' data-figure='{esc(name)}'></div>"
@@ -603,7 +857,6 @@ def build_report(runs: list[tuple[str, Run]]) -> str:
 Generated {esc(time.strftime('%Y-%m-%d %H:%M'))} from {len(runs)} run(s); figures are interactive (hover for exact
 values).</p>
 {header(runs)}
-<h2>Cells</h2>
 {cells_table(runs)}
 {quality_table(runs)}
 {paper_table_html(runs)}
@@ -640,12 +893,14 @@ def write_report(run_dirs: list, out: Path) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="pystream-report",
-        description="Build the HTML report of one or more pystream-bench run directories, from their saved results "
-                    "alone. With two or more runs, shows them side by side with the latency ratio per cell.",
+        description="Build the HTML report of one or more pystream-bench run directories, from their saved\n"
+                    "results alone. With two or more runs, shows them side by side with the latency ratio per cell.",
         epilog="examples:\n  pystream-report runs/20261128-101500 -o report.html\n"
                "  pystream-report runs/main runs/my-branch -o compare.html",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a directory written by pystream-bench (its run.json and results.jsonl); the first is "
+                             "the baseline of the ratios")
     parser.add_argument("-o", "--output", default=None, help="HTML file (default: RUN_DIR/report.html for one run, "
                                                              "compare.html for several)")
     args = parser.parse_args(argv)

@@ -4,7 +4,7 @@
       run.json        what ran: command line, arguments, versions, git commit, device, CPU, threads, date
       results.jsonl   one JSON record per finished cell or quality measurement, appended as each finishes
       report.html     written at the end (pystream-report rebuilds it from the two files above)
-      .lock           held while a run writes here
+      .lock           held while a run writes here; removed when the run ends (a killed run leaves it, unlocked)
 
 Schema (`schema_version` 1), every record has `schema`, `schema_version` and `record`:
   record "cell"     one (method, cache size, stream length): latency_ms {p50,p90,p99,mean,min,max}, tokens_per_s,
@@ -115,14 +115,24 @@ class RunWriter:
 
     # -- opening ----------------------------------------------------------------------------------------------------
     def _lock(self):
-        handle = open(self.path / LOCK, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            handle = open(self.path / LOCK, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise ResultsError(f"{self.path}: another pystream-bench run is writing here (locked); wait for it "
+                                   "or choose another --out") from None
+            # close() removes the file before unlocking it: a lock taken on a file that has meanwhile been removed
+            # (or replaced by a newer run's) guards nothing, so open the path again
+            try:
+                same = os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path / LOCK))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock_file = handle
+                return
             handle.close()
-            raise ResultsError(f"{self.path}: another pystream-bench run is writing here (locked); wait for it or "
-                               "choose another --out") from None
-        self._lock_file = handle
 
     def _create(self, meta: dict) -> None:
         parent = self.path.parent
@@ -185,6 +195,9 @@ class RunWriter:
 
     def close(self) -> None:
         if self._lock_file is not None:
+            # removed while still held, so that no other run can lock the file this one is about to let go of
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path / LOCK)
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None

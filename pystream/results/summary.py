@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.table import Table
 
 from .schema import cache_label, peak_bytes
@@ -13,31 +14,50 @@ def _fmt(value, spec="{:,.1f}"):
     return "-" if value is None else spec.format(value)
 
 
-def _table(title: str, columns: tuple, text_columns: tuple) -> Table:
-    table = Table(title=title, title_justify="left")
+def latency_unit(cells: list[dict]) -> str:
+    """What one latency sample times: a decode step produces one token per stream, so with batch 1 it is the time
+    per token and with a larger batch it is the time per step (batch tokens)."""
+    return "token" if all((c.get("batch") or 1) == 1 for c in cells) else "step"
+
+
+def _table(title: str, columns: tuple, text_columns: tuple, caption: str | None = None) -> Table:
+    # No cell wraps: a wrapped number or message reads as several rows. Long messages go in the caption instead.
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD,
+                  collapse_padding=True, show_edge=False)
     for name in columns:
-        table.add_column(name, justify="left" if name in text_columns else "right")
+        table.add_column(name, justify="left" if name in text_columns else "right", no_wrap=True)
     return table
 
 
 def cells_table(records: list[dict]) -> Table:
-    table = _table("decode per token", ("method", "cache", "length", "mode", "p50 ms", "p90 ms", "p99 ms", "tok/s",
-                                        "peak RSS MiB", "KV MiB", "x recompute"), ("method", "mode"))
-    for rec in (r for r in records if r.get("record") == "cell"):
+    cells = [r for r in records if r.get("record") == "cell"]
+    per = latency_unit(cells)
+    batched = per == "step"
+    failed = [c for c in cells if c.get("status") != "ok"]
+    caption = "\n".join(f"{c['method']} @ {c['length']:,}: {c.get('error') or c.get('status')}" for c in failed)
+    title = ("decode latency per token (batch 1: a step decodes one token)" if not batched else
+             "decode latency per step (a step decodes one token in each of the batch's streams; tok/s counts them "
+             "all)")
+    columns = ("method", "cache", "length", "mode") + (("batch",) if batched else ()) + (
+        "p50 ms", "p90 ms", "p99 ms", "tok/s", "peak MiB", "KV MiB", "x recompute")
+    table = _table(title, columns, ("method", "mode"), caption or None)
+    for rec in cells:
         cache = cache_label(rec) or "-"
+        first = [rec["method"], cache, f"{rec['length']:,}", rec.get("mode", "")] + (
+            [str(rec.get("batch") or 1)] if batched else [])
         if rec.get("status") != "ok":
-            table.add_row(rec["method"], cache, f"{rec['length']:,}", rec.get("mode", ""),
-                          f"[red]{rec.get('error', rec.get('status'))}[/red]", "", "", "", "", "", "")
+            # the message is in the caption: in a column it would wrap over several lines
+            table.add_row(*first, f"[red]{str(rec.get('status', '')).upper() or 'failed'}[/red]", "-", "-", "-",
+                          "-", "-", "-")
             continue
         lat = rec["latency_ms"]
         speedup = rec.get("speedup_vs_recompute")
         if isinstance(speedup, dict):
-            speedup = ", ".join(f"{v:.1f}@{k}" for k, v in sorted(speedup.items(), key=lambda kv: int(kv[0])))
+            speedup = " ".join(f"{v:.1f}@{k}" for k, v in sorted(speedup.items(), key=lambda kv: int(kv[0])))
         elif speedup is not None:
             speedup = f"{speedup:.1f}"
         peak = peak_bytes(rec)
-        table.add_row(rec["method"], cache, f"{rec['length']:,}", rec.get("mode", ""), _fmt(lat["p50"]),
-                      _fmt(lat["p90"]), _fmt(lat["p99"]), _fmt(rec.get("tokens_per_s")),
+        table.add_row(*first, _fmt(lat["p50"]), _fmt(lat["p90"]), _fmt(lat["p99"]), _fmt(rec.get("tokens_per_s")),
                       _fmt(peak / MIB if peak else None, "{:,.0f}"), _fmt(rec.get("kv_bytes", 0) / MIB),
                       speedup or "-")
     return table
@@ -49,7 +69,7 @@ def quality_table(records: list[dict]) -> Table:
     for rec in (r for r in records if r.get("record") == "quality"):
         cache = cache_label(rec) or "-"
         if rec.get("status") != "ok":
-            table.add_row(rec["method"], cache, f"{rec['length']:,}", "-", "-", rec.get("error", ""))
+            table.add_row(rec["method"], cache, f"{rec.get('tokens') or 0:,}", "-", "-", rec.get("error", ""))
             continue
         ci = rec.get("ppl_ci95")
         note = f"sampled at {rec['sample_size']} positions" if rec.get("sampled") else "every token"
