@@ -1,0 +1,1 @@
+"""The cache layer: StreamingLLM caches, RoPE maths and the transformers cache/attention adapters."""

@@ -1,0 +1,311 @@
+"""Exact StreamingLLM attention for a whole chunk of a stream in one forward, through transformers' public
+attention-function registry (`AttentionInterface`): no model code is patched, no cache object is involved.
+
+Why it is exact (the two facts of issue 13). With the paper's in-cache positions, the query of stream token t sees
+the S sinks and the W most recent tokens (itself included). The window is contiguous and ends at the query, so every
+window key sits at its true distance from the query: ordinary banded causal attention at true positions. Only the sink
+term differs: the query sees sink i at distance min(t, S + W - 1) - i, i.e. as if the query sat at position
+min(t, S + W - 1). So each query row is rotated once more for the sink term, and the sink and window scores share
+one softmax. Every token's keys and values are then exactly those token-by-token streaming computes (up to float
+rounding), whatever the chunk size.
+
+Position schemes (named in results):
+- "in-cache": the paper (and `SinkCache` / `WindowCache`): sink i at distance min(t, S + W - 1) - i.
+- "original": keys keep the positions they were computed at (ExecuTorch's ring buffer, kvpress without
+  re-rotation): sink i at its true distance t - i; the window is the same in both schemes.
+
+Float precision: the model is fed positions relative to a moving frame base (only distances matter for RoPE), which
+is re-based once the positions reach twice the span of keys one chunk attends to; on a re-base the carried window
+keys are re-rotated once (float64 angles). Positions therefore stay small and float32 RoPE angles exact at any stream
+length; the extra sink rotation is computed in float64 and reduced modulo 2 pi before the cast.
+
+Scope: batch 1; the RoPE architectures Llama, Mistral, Qwen2, GPT-NeoX (partial rotary), any dtype and device.
+BLOOM and MPT (ALiBi) compute their attention in their own modules, outside the registry, and build their bias from
+the key index (BLOOM: from a 2D mask) in a way a public 4D mask cannot override without also breaking that bias:
+they are token-by-token only (`UnsupportedModelError`).
+
+This is the only module of the evaluator that touches transformers' attention internals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from transformers import AttentionInterface
+
+from pystream.hf import UnsupportedModelError, check_supported, rotary_spec, sliding_window_of, uses_alibi
+
+__all__ = ["ATTENTION_NAME", "POSITION_SCHEMES", "ChunkedStream", "chunked_attention_enabled"]
+
+ATTENTION_NAME = "pystream_chunked"
+POSITION_SCHEMES = ("in-cache", "original")
+# The keyword under which the stream reaches the attention function: transformers forwards unknown keyword arguments
+# of `model(...)` through the decoder layers to the attention function (TransformersKwargs).
+_STREAM_KWARG = "pystream_chunked_stream"
+
+
+def _chunked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function. `query` `[1, heads, C, head_dim]`, `key`/`value` `[1, kv_heads, C,
+    head_dim]` (rotated by the model at the frame positions `ChunkedStream` passed); returns `[1, C, heads,
+    head_dim]` and no weights, like transformers' sdpa function. The mask transformers builds is ignored (it makes
+    none for an implementation outside its mask registry): the stream knows the exact visibility."""
+    stream = kwargs.get(_STREAM_KWARG)
+    if stream is None:
+        raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} runs only inside ChunkedStream.forward")
+    if kwargs.get("softcap") is not None:
+        raise UnsupportedModelError("chunked streaming attention does not implement attention logit soft-capping")
+    return stream._attend(module.layer_idx, query, key, value, scaling), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _chunked_attention)
+
+
+@contextlib.contextmanager
+def chunked_attention_enabled(model):
+    """Within the block the model runs `ATTENTION_NAME` (through `set_attn_implementation`, transformers' public
+    switch); its previous implementation is put back after."""
+    previous = model.config._attn_implementation
+    if previous == ATTENTION_NAME:
+        yield model
+        return
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def check_chunkable(model) -> None:
+    """Raise `UnsupportedModelError` unless `ChunkedStream` can evaluate this model exactly."""
+    check_supported(model)
+    if uses_alibi(model):
+        raise UnsupportedModelError(
+            f"model type {model.config.model_type!r} computes its ALiBi attention in its own code, outside "
+            "transformers' attention registry, so the chunked evaluator cannot serve it: evaluate it token by token "
+            "(pystream.quality.nll_streaming)"
+        )
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE by the angles whose cos/sin are given (`[..., rot // 2]`, broadcast against `x`'s leading
+    dims) on the first `rot` features of `x` `[..., head_dim]`; the rest pass through (GPT-NeoX's partial rotary)."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+class _Layer:
+    __slots__ = ("sink_k", "sink_v", "win_k", "win_v")
+
+    def __init__(self):
+        self.sink_k = self.sink_v = self.win_k = self.win_v = None
+
+
+class ChunkedStream:
+    """One stream (batch 1) under a sink (`num_sinks` > 0) or window (`num_sinks` == 0) cache of `num_sinks +
+    window` slots, the window counting the query (the paper's 4+1020 is `ChunkedStream(model, 4, 1020)`), evaluated
+    a chunk of tokens per forward with exactly the logits token-by-token streaming through `SinkCache` /
+    `WindowCache` gives (in-cache scheme), or a cache that keeps original positions ("original").
+
+    State kept per layer: the sinks' keys/values (rotated at positions 0..S-1) and the last `window - 1` non-sink
+    tokens' keys/values (rotated in the current frame): O(capacity) memory, like the cache.
+
+    >>> stream = ChunkedStream(model, 4, 252)
+    >>> logits = stream.forward(ids[:512], first_token=0)        # [512, vocab]
+    >>> logits = stream.forward(ids[512:1024], first_token=512)  # continues
+
+    `forward(..., first_token=L0)` with L0 past the next token (once the sinks are in) skips ahead: the window is
+    emptied and the stream continues from L0, as a cache whose window held nothing before L0 (the warm-up of fact 2:
+    after `num_hidden_layers * (window - 1)` tokens the state equals the full stream's exactly).
+    """
+
+    def __init__(self, model, num_sinks: int, window: int, *, position_scheme: str = "in-cache"):
+        check_chunkable(model)
+        if num_sinks < 0 or window < 1:
+            raise ValueError(f"need num_sinks >= 0 and window >= 1, got {num_sinks} and {window}")
+        if position_scheme not in POSITION_SCHEMES:
+            raise ValueError(f"unknown position scheme {position_scheme!r}; choose from {', '.join(POSITION_SCHEMES)}")
+        sliding = sliding_window_of(model.config)
+        if sliding is not None and num_sinks + window > sliding:
+            raise ValueError(f"the cache holds {num_sinks + window} tokens but the model attends to at most "
+                             f"{sliding} (config.sliding_window)")
+        self.model = model
+        self.num_sinks, self.window = int(num_sinks), int(window)
+        self.capacity = self.num_sinks + self.window
+        self.position_scheme = position_scheme
+        self.rotary = rotary_spec(model)
+        self.num_layers = model.config.num_hidden_layers
+        self.reset()
+
+    # ---- state ---------------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything: the next forward starts the stream at token 0."""
+        self.next_token = 0          # stream index of the next token expected
+        self.base = 0                # frame base: stream token j is fed to the model at position j - base
+        self.win_first = 0           # stream index of the oldest carried window key (win_count of them)
+        self.win_count = 0
+        self.rebases = 0
+        self._layers = [_Layer() for _ in range(self.num_layers)]
+        self._chunk = None
+
+    @property
+    def carried(self) -> int:
+        """Window keys carried into the next chunk (at most `window - 1`)."""
+        return self.win_count
+
+    # ---- frame ---------------------------------------------------------------------------------------------------
+    def _angles(self, shifts: torch.Tensor, like: torch.Tensor):
+        """cos, sin of `shifts[:, None] * inv_freq` (float64, reduced mod 2 pi, then cast like `like`)."""
+        angles = shifts.to(torch.float64)[:, None] * self.rotary.inv_freq[None, :]
+        angles = torch.remainder(angles, 2 * math.pi)
+        return angles.cos().to(like.device, like.dtype), angles.sin().to(like.device, like.dtype)
+
+    def _rebase(self, new_base: int) -> None:
+        """Move the frame: every carried window key is re-rotated by -(new_base - base), once."""
+        delta = new_base - self.base
+        if delta and self.win_count:
+            for layer in self._layers:
+                if layer.win_k is None:
+                    continue
+                cos, sin = self._angles(torch.tensor([-float(delta)]), layer.win_k)
+                if layer.win_k.dtype in (torch.float16, torch.bfloat16):
+                    # rotate in float32: a half-precision multiply-add would add its own rounding to the key
+                    layer.win_k = _rotate(layer.win_k.float(), cos.float(), sin.float()).to(layer.win_k.dtype)
+                else:
+                    layer.win_k = _rotate(layer.win_k, cos, sin)
+        self.base = new_base
+        self.rebases += 1
+
+    def _sink_query_shift(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per query (stream index `tokens` `[C]`, int64): the extra rotation of its query for the sink term,
+        position-the-sinks-should-see minus frame position. Sinks are stored rotated at positions 0..S-1."""
+        frame = tokens - self.base
+        if self.position_scheme == "in-cache":
+            return tokens.clamp(max=self.capacity - 1) - frame
+        return tokens - frame  # original: the query at its true position t, so sink i at distance t - i
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, first_token: int | None = None) -> torch.Tensor:
+        """Feed stream tokens `first_token .. first_token + C - 1` (`ids` `[C]` or `[1, C]`, on the model's device)
+        in one forward; returns their logits `[C, vocab]` (row r predicts token `first_token + r + 1`).
+
+        `first_token` defaults to the next token; a larger value (only once every sink is in) skips ahead and empties
+        the window (warm-up)."""
+        ids = ids.reshape(1, -1)
+        count = ids.shape[1]
+        if count == 0:
+            raise ValueError("empty chunk")
+        first = self.next_token if first_token is None else int(first_token)
+        if first < self.next_token:
+            raise ValueError(f"the stream is at token {self.next_token}; cannot go back to {first} (reset() first)")
+        if first > self.next_token:
+            if self.next_token < self.num_sinks:
+                raise ValueError(f"feed the {self.num_sinks} sink tokens before skipping ahead to token {first}")
+            self.win_count = 0
+            for layer in self._layers:
+                layer.win_k = layer.win_v = None
+        tokens = torch.arange(first, first + count, dtype=torch.int64)
+        oldest = first - self.win_count if self.win_count else first
+        self.win_first = oldest
+        last = first + count - 1
+        span = last - oldest + 1
+        # Positions stay within [0, 2 x span): re-base to the oldest key needed once they would pass that (a chunk
+        # holding sinks is at the stream's start, frame base 0, so the sinks are rotated at positions 0..S-1).
+        if first < self.num_sinks:
+            if self.base != 0:
+                raise AssertionError("sinks must be fed at frame base 0")
+        elif last - self.base >= 2 * span or oldest < self.base:
+            self._rebase(oldest)
+
+        n_sinks_here = max(0, min(self.num_sinks - first, count))
+        sinks_total = min(self.num_sinks, last + 1)
+        device = ids.device
+        # Visibility (stream indices): sink i for i <= t; window key j (non-sink) for t - W + 1 <= j <= t.
+        # window keys in the order `_attend` concatenates them: carried, then the chunk's non-sink tokens; a
+        # contiguous run of stream indices
+        win_start = max(oldest, self.num_sinks)
+        win_tokens = torch.arange(win_start, max(win_start, last + 1), dtype=torch.int64)
+        t = tokens[:, None]
+        sink_mask = torch.arange(sinks_total)[None, :] <= t
+        win_mask = (win_tokens[None, :] <= t) & (win_tokens[None, :] > t - self.window)
+        shift = self._sink_query_shift(tokens)
+        self._chunk = {
+            "tokens": tokens, "n_sinks_here": n_sinks_here, "win_start": win_start, "first": first,
+            "sink_mask": sink_mask.to(device), "win_mask": win_mask.to(device),
+            "shift": shift, "angles": {},
+        }
+        positions = (tokens - self.base).to(device).view(1, -1)
+        try:
+            with chunked_attention_enabled(self.model):
+                out = self.model(ids, position_ids=positions, use_cache=False, **{_STREAM_KWARG: self})
+        finally:
+            self._chunk = None
+        keep = min(self.window - 1, int(win_tokens.numel()))
+        self.win_count = keep
+        self.win_first = last + 1 - keep if keep else last + 1
+        self.next_token = last + 1
+        return out.logits[0]
+
+    # ---- attention -----------------------------------------------------------------------------------------------
+    def _attend(self, layer_idx: int, query, key, value, scaling):
+        chunk = self._chunk
+        layer = self._layers[layer_idx]
+        n_s = chunk["n_sinks_here"]
+        if n_s:  # the chunk's sink tokens join the sink store (rotated at positions i: frame base 0)
+            ks, vs = key[:, :, :n_s], value[:, :, :n_s]
+            layer.sink_k = ks if layer.sink_k is None else torch.cat((layer.sink_k, ks), dim=2)
+            layer.sink_v = vs if layer.sink_v is None else torch.cat((layer.sink_v, vs), dim=2)
+            key, value = key[:, :, n_s:], value[:, :, n_s:]
+        if layer.win_k is not None and layer.win_k.shape[2]:
+            win_k, win_v = torch.cat((layer.win_k, key), dim=2), torch.cat((layer.win_v, value), dim=2)
+        else:
+            win_k, win_v = key, value
+        # carry the last window - 1 keys to the next chunk (contiguous copies: the chunk's tensors can go)
+        keep = min(self.window - 1, win_k.shape[2])
+        layer.win_k = win_k[:, :, win_k.shape[2] - keep:].contiguous() if keep else None
+        layer.win_v = win_v[:, :, win_v.shape[2] - keep:].contiguous() if keep else None
+
+        batch, heads, count, head_dim = query.shape
+        kv_heads = win_k.shape[1]
+        group = heads // kv_heads
+        if scaling is None:
+            scaling = head_dim ** -0.5
+        # grouped-query attention without repeating keys: query heads k*group .. k*group+group-1 use kv head k
+        q = query.reshape(batch, kv_heads, group, count, head_dim)
+        sink_k = layer.sink_k
+        if sink_k is not None:
+            key_ = (query.dtype, query.device)
+            if key_ not in chunk["angles"]:
+                chunk["angles"][key_] = self._angles(chunk["shift"], query)
+            cos, sin = chunk["angles"][key_]  # [C, rot/2], broadcast over batch, heads
+            q_sink = _rotate(q, cos, sin)
+        win_mask, sink_mask = chunk["win_mask"], chunk["sink_mask"]
+        out = torch.empty(batch, kv_heads, group, count, head_dim, dtype=value.dtype, device=value.device)
+        # Query blocks of at most `window` rows: each block needs only the window keys its rows can see, so the
+        # work per block is O(block x (block + window)), not O(block x chunk).
+        block = max(self.window, 64)
+        first, win_start = chunk["first"], chunk["win_start"]
+        n_sink = 0 if sink_k is None else sink_k.shape[2]
+        for a in range(0, count, block):
+            b = min(count, a + block)
+            # window keys rows a..b-1 can see: stream indices t_a - W + 1 .. t_{b-1}
+            lo = max(0, first + a - self.window + 1 - win_start)
+            hi = max(lo, first + b - win_start)
+            s_win = torch.matmul(q[:, :, :, a:b], win_k[:, :, None, lo:hi].transpose(-1, -2))
+            mask = win_mask[a:b, lo:hi]
+            if n_sink:
+                s_sink = torch.matmul(q_sink[:, :, :, a:b], sink_k[:, :, None].transpose(-1, -2))
+                scores = torch.cat((s_sink.float(), s_win.float()), dim=-1)
+                mask = torch.cat((sink_mask[a:b], mask), dim=-1)
+            else:
+                scores = s_win.float()
+            scores.mul_(scaling).masked_fill_(~mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).to(value.dtype)
+            res = torch.matmul(probs[..., n_sink:], win_v[:, :, None, lo:hi])
+            if n_sink:
+                res = res + torch.matmul(probs[..., :n_sink], layer.sink_v[:, :, None])
+            out[:, :, :, a:b] = res
+        return out.reshape(batch, heads, count, head_dim).transpose(1, 2).contiguous()

@@ -1,0 +1,1 @@
+"""The measurement layer: drivers, quality, experiments, profiling."""
