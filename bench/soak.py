@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from conftest import tiny_model  # noqa: E402
 from pystream import SinkCache  # noqa: E402
-from pystream.measure import rss_bytes  # noqa: E402
+from pystream.measure.clocks import rss_bytes  # noqa: E402
 from reference import reference_from  # noqa: E402
 
 S, W = 4, 60

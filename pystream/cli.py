@@ -233,7 +233,7 @@ def run_metadata(args, values, loaded, text, n_tokens, argv=None) -> dict:
     import transformers
 
     from . import __version__
-    from .measure import cpu_model
+    from .measure.clocks import cpu_model
     from .results import SCHEMA, SCHEMA_VERSION
 
     cfg = loaded.model.config

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import measure
+from .measure import clocks as measure
 from .baselines import recompute_logits
 from .hf import DynamicCache, SinkCache, StreamBatch, WindowCache, decode_attention_mask, rope_scaled
 from .quality import nll_dense, nll_recompute, nll_streaming, stream_batch_nll_step, summarise

@@ -83,7 +83,7 @@ def test_resume_runs_nothing_twice(tiny_model_dir, text_file, tmp_path, capsys):
 
 
 def test_dense_that_would_not_fit_is_recorded_as_oom(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
-    from pystream import measure
+    from pystream.measure import clocks as measure
 
     monkeypatch.setattr(measure, "available_bytes", lambda device: 64 * 1024**2)  # pretend 64 MiB are free
     out = tmp_path / "run"

@@ -1,1 +1,1 @@
-"""The cache layer: StreamingLLM caches, RoPE maths and the transformers cache/attention adapters."""
+"""The cache engine: the C++ ring adapter, RoPE, StreamingKV and the transformers adapter."""

@@ -14,10 +14,12 @@ Position schemes (named in results):
 - "original": keys keep the positions they were computed at (ExecuTorch's ring buffer, kvpress without
   re-rotation): sink i at its true distance t - i; the window is the same in both schemes.
 
-Float precision: the model is fed positions relative to a moving frame base (only distances matter for RoPE), which
-is re-based once the positions reach twice the span of keys one chunk attends to; on a re-base the carried window
-keys are re-rotated once (float64 angles). Positions therefore stay small and float32 RoPE angles exact at any stream
-length; the extra sink rotation is computed in float64 and reduced modulo 2 pi before the cast.
+Float precision: each chunk is fed to the model at positions relative to a frame base, the oldest window key it
+needs (only distances matter for RoPE), so positions stay below `window - 1 + chunk` and float32 RoPE angles are as
+exact at token 1G as at token 1k. The carried window keys are kept exactly as the model computed them, each with the
+base of its own chunk, and rotated into the new frame once per chunk from that copy (float64 angles, reduced modulo
+2 pi before the cast): no rounding accumulates however often the frame moves. The extra sink rotation of the query is
+computed the same way.
 
 Scope: batch 1; the RoPE architectures Llama, Mistral, Qwen2, GPT-NeoX (partial rotary), any dtype and device.
 BLOOM and MPT (ALiBi) compute their attention in their own modules, outside the registry, and build their bias from
@@ -97,6 +99,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _Layer:
+    # win_k holds the carried window keys as the model rotated them, each in the frame of the chunk that computed it
     __slots__ = ("sink_k", "sink_v", "win_k", "win_v")
 
     def __init__(self):
@@ -144,9 +147,9 @@ class ChunkedStream:
         """Forget everything: the next forward starts the stream at token 0."""
         self.next_token = 0          # stream index of the next token expected
         self.base = 0                # frame base: stream token j is fed to the model at position j - base
-        self.win_first = 0           # stream index of the oldest carried window key (win_count of them)
-        self.win_count = 0
-        self.rebases = 0
+        self.win_count = 0           # carried window keys (the last window - 1 non-sink tokens)
+        self.win_bases = torch.zeros(0, dtype=torch.int64)  # frame base each carried key was computed in
+        self.rebases = 0             # chunks whose carried keys had to be rotated into a new frame
         self._layers = [_Layer() for _ in range(self.num_layers)]
         self._chunk = None
 
@@ -162,21 +165,10 @@ class ChunkedStream:
         angles = torch.remainder(angles, 2 * math.pi)
         return angles.cos().to(like.device, like.dtype), angles.sin().to(like.device, like.dtype)
 
-    def _rebase(self, new_base: int) -> None:
-        """Move the frame: every carried window key is re-rotated by -(new_base - base), once."""
-        delta = new_base - self.base
-        if delta and self.win_count:
-            for layer in self._layers:
-                if layer.win_k is None:
-                    continue
-                cos, sin = self._angles(torch.tensor([-float(delta)]), layer.win_k)
-                if layer.win_k.dtype in (torch.float16, torch.bfloat16):
-                    # rotate in float32: a half-precision multiply-add would add its own rounding to the key
-                    layer.win_k = _rotate(layer.win_k.float(), cos.float(), sin.float()).to(layer.win_k.dtype)
-                else:
-                    layer.win_k = _rotate(layer.win_k, cos, sin)
-        self.base = new_base
-        self.rebases += 1
+    def _carried_shift(self, new_base: int) -> torch.Tensor:
+        """Per carried key `[win_count]`: the rotation taking it from the frame it was computed in to the frame
+        `new_base` (a key computed at position j - b sits at j - new_base after a rotation by b - new_base)."""
+        return self.win_bases - new_base
 
     def _sink_query_shift(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per query (stream index `tokens` `[C]`, int64): the extra rotation of its query for the sink term,
@@ -205,21 +197,21 @@ class ChunkedStream:
             if self.next_token < self.num_sinks:
                 raise ValueError(f"feed the {self.num_sinks} sink tokens before skipping ahead to token {first}")
             self.win_count = 0
+            self.win_bases = self.win_bases[:0]
             for layer in self._layers:
                 layer.win_k = layer.win_v = None
         tokens = torch.arange(first, first + count, dtype=torch.int64)
-        oldest = first - self.win_count if self.win_count else first
-        self.win_first = oldest
+        oldest = first - self.win_count
         last = first + count - 1
-        span = last - oldest + 1
-        # Positions stay within [0, 2 x span): re-base to the oldest key needed once they would pass that (a chunk
-        # holding sinks is at the stream's start, frame base 0, so the sinks are rotated at positions 0..S-1).
-        if first < self.num_sinks:
-            if self.base != 0:
-                raise AssertionError("sinks must be fed at frame base 0")
-        elif last - self.base >= 2 * span or oldest < self.base:
-            self._rebase(oldest)
-
+        # The frame starts at the oldest key this chunk needs, so positions are 0 .. window - 2 + count; a chunk
+        # holding sinks is at the stream's start (frame base 0), so the sinks are rotated at positions 0..S-1.
+        new_base = 0 if first < self.num_sinks else oldest
+        carry_shift = self._carried_shift(new_base)
+        carry_angles = None
+        if self.win_count and bool((carry_shift != 0).any()):
+            carry_angles = carry_shift
+            self.rebases += 1
+        self.base = new_base
         n_sinks_here = max(0, min(self.num_sinks - first, count))
         sinks_total = min(self.num_sinks, last + 1)
         device = ids.device
@@ -235,7 +227,7 @@ class ChunkedStream:
         self._chunk = {
             "tokens": tokens, "n_sinks_here": n_sinks_here, "win_start": win_start, "first": first,
             "sink_mask": sink_mask.to(device), "win_mask": win_mask.to(device),
-            "shift": shift, "angles": {},
+            "shift": shift, "angles": {}, "carry_shift": carry_angles, "carry_angles": {},
         }
         positions = (tokens - self.base).to(device).view(1, -1)
         try:
@@ -244,12 +236,27 @@ class ChunkedStream:
         finally:
             self._chunk = None
         keep = min(self.window - 1, int(win_tokens.numel()))
+        fresh = int(win_tokens.numel()) - self.win_count  # the chunk's own window keys, computed in this frame
+        bases = torch.cat((self.win_bases, torch.full((fresh,), new_base, dtype=torch.int64)))
+        self.win_bases = bases[bases.numel() - keep:]
         self.win_count = keep
-        self.win_first = last + 1 - keep if keep else last + 1
         self.next_token = last + 1
         return out.logits[0]
 
     # ---- attention -----------------------------------------------------------------------------------------------
+    def _rotate_cached(self, chunk, which: str, x: torch.Tensor) -> torch.Tensor:
+        """Rotate `x` (`[..., n, head_dim]`) row by row by the chunk's "sink" shifts (one per query) or "carry"
+        shifts (one per carried key); the cos/sin tables are made once per chunk and reused by every layer.
+        Half-precision inputs are rotated in float32 and cast back once."""
+        tables = chunk["angles" if which == "sink" else "carry_angles"]
+        work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        key = (work, x.device)
+        if key not in tables:
+            tables[key] = self._angles(chunk["shift" if which == "sink" else "carry_shift"],
+                                       torch.empty(0, dtype=work, device=x.device))
+        cos, sin = tables[key]  # [n, rot/2], broadcast over the leading dims
+        return _rotate(x.to(work), cos, sin).to(x.dtype)
+
     def _attend(self, layer_idx: int, query, key, value, scaling):
         chunk = self._chunk
         layer = self._layers[layer_idx]
@@ -260,12 +267,18 @@ class ChunkedStream:
             layer.sink_v = vs if layer.sink_v is None else torch.cat((layer.sink_v, vs), dim=2)
             key, value = key[:, :, n_s:], value[:, :, n_s:]
         if layer.win_k is not None and layer.win_k.shape[2]:
-            win_k, win_v = torch.cat((layer.win_k, key), dim=2), torch.cat((layer.win_v, value), dim=2)
+            carried = layer.win_k
+            if chunk["carry_shift"] is not None:
+                carried = self._rotate_cached(chunk, "carry", carried)
+            win_k = torch.cat((carried, key), dim=2)
+            stored_k = torch.cat((layer.win_k, key), dim=2)  # as computed, each in its own frame
+            win_v = torch.cat((layer.win_v, value), dim=2)
         else:
-            win_k, win_v = key, value
+            win_k = stored_k = key
+            win_v = value
         # carry the last window - 1 keys to the next chunk (contiguous copies: the chunk's tensors can go)
         keep = min(self.window - 1, win_k.shape[2])
-        layer.win_k = win_k[:, :, win_k.shape[2] - keep:].contiguous() if keep else None
+        layer.win_k = stored_k[:, :, stored_k.shape[2] - keep:].contiguous() if keep else None
         layer.win_v = win_v[:, :, win_v.shape[2] - keep:].contiguous() if keep else None
 
         batch, heads, count, head_dim = query.shape
@@ -277,11 +290,7 @@ class ChunkedStream:
         q = query.reshape(batch, kv_heads, group, count, head_dim)
         sink_k = layer.sink_k
         if sink_k is not None:
-            key_ = (query.dtype, query.device)
-            if key_ not in chunk["angles"]:
-                chunk["angles"][key_] = self._angles(chunk["shift"], query)
-            cos, sin = chunk["angles"][key_]  # [C, rot/2], broadcast over batch, heads
-            q_sink = _rotate(q, cos, sin)
+            q_sink = self._rotate_cached(chunk, "sink", q)  # the query rows at the sinks' distances
         win_mask, sink_mask = chunk["win_mask"], chunk["sink_mask"]
         out = torch.empty(batch, kv_heads, group, count, head_dim, dtype=value.dtype, device=value.device)
         # Query blocks of at most `window` rows: each block needs only the window keys its rows can see, so the

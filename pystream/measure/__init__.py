@@ -1,1 +1,1 @@
-"""The measurement layer: drivers, quality, experiments, profiling."""
+"""The measurement drivers: cells, quality, the paper experiment, profiling, clocks and memory."""
