@@ -226,7 +226,7 @@ class ChunkedStream:
         shift = self._sink_query_shift(tokens)
         self._chunk = {
             "tokens": tokens, "n_sinks_here": n_sinks_here, "win_start": win_start, "first": first,
-            "sink_mask": sink_mask.to(device), "win_mask": win_mask.to(device),
+            "sink_mask": sink_mask, "win_mask": win_mask, "biases": {},
             "shift": shift, "angles": {}, "carry_shift": carry_angles, "carry_angles": {},
         }
         positions = (tokens - self.base).to(device).view(1, -1)
@@ -244,6 +244,17 @@ class ChunkedStream:
         return out.logits[0]
 
     # ---- attention -----------------------------------------------------------------------------------------------
+    def _biases(self, chunk, dtype, device):
+        """The chunk's visibility as additive biases (0 visible, -inf hidden): window `[C, window keys]` and sinks
+        `[C, sinks]`, made once per chunk and reused by every layer."""
+        key = (dtype, device)
+        cached = chunk["biases"].get(key)
+        if cached is None:
+            def bias(mask):
+                return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf")).to(device)
+            cached = chunk["biases"][key] = (bias(chunk["win_mask"]), bias(chunk["sink_mask"]))
+        return cached
+
     def _rotate_cached(self, chunk, which: str, x: torch.Tensor) -> torch.Tensor:
         """Rotate `x` (`[..., n, head_dim]`) row by row by the chunk's "sink" shifts (one per query) or "carry"
         shifts (one per carried key); the cos/sin tables are made once per chunk and reused by every layer.
@@ -291,30 +302,44 @@ class ChunkedStream:
         sink_k = layer.sink_k
         if sink_k is not None:
             q_sink = self._rotate_cached(chunk, "sink", q)  # the query rows at the sinks' distances
-        win_mask, sink_mask = chunk["win_mask"], chunk["sink_mask"]
-        out = torch.empty(batch, kv_heads, group, count, head_dim, dtype=value.dtype, device=value.device)
-        # Query blocks of at most `window` rows: each block needs only the window keys its rows can see, so the
-        # work per block is O(block x (block + window)), not O(block x chunk).
-        block = max(self.window, 64)
+        # Scores in float32 for half-precision models (as torch's CPU sdpa kernels accumulate), else native.
+        work = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+        win_bias, sink_bias = self._biases(chunk, work, value.device)
+        q, win_k, win_v = q.to(work), win_k.to(work), win_v.to(work)
+        if sink_k is not None:
+            q_sink, sink_k, sink_v = q_sink.to(work), sink_k.to(work), layer.sink_v.to(work)
+        out = torch.empty(kv_heads, group, count, head_dim, dtype=work, device=value.device)
+        # Query blocks: each needs only the window keys its rows can see, so the work per block is
+        # O(block x (block + window)), not O(block x chunk). The sink and window scores share one softmax, done by
+        # hand (max, exp, sums) so that neither score tensor is copied into a concatenation.
+        block = max(64, min(256, self.window // 2))
         first, win_start = chunk["first"], chunk["win_start"]
-        n_sink = 0 if sink_k is None else sink_k.shape[2]
         for a in range(0, count, block):
             b = min(count, a + block)
+            rows = group * (b - a)
             # window keys rows a..b-1 can see: stream indices t_a - W + 1 .. t_{b-1}
             lo = max(0, first + a - self.window + 1 - win_start)
             hi = max(lo, first + b - win_start)
-            s_win = torch.matmul(q[:, :, :, a:b], win_k[:, :, None, lo:hi].transpose(-1, -2))
-            mask = win_mask[a:b, lo:hi]
-            if n_sink:
-                s_sink = torch.matmul(q_sink[:, :, :, a:b], sink_k[:, :, None].transpose(-1, -2))
-                scores = torch.cat((s_sink.float(), s_win.float()), dim=-1)
-                mask = torch.cat((sink_mask[a:b], mask), dim=-1)
-            else:
-                scores = s_win.float()
-            scores.mul_(scaling).masked_fill_(~mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).to(value.dtype)
-            res = torch.matmul(probs[..., n_sink:], win_v[:, :, None, lo:hi])
-            if n_sink:
-                res = res + torch.matmul(probs[..., :n_sink], layer.sink_v[:, :, None])
-            out[:, :, :, a:b] = res
+            parts = []  # (exp-scores [kv, rows, keys], values [kv, keys, d])
+            if hi > lo:
+                qb = q[0, :, :, a:b].reshape(kv_heads, rows, head_dim)
+                bias = win_bias[a:b, lo:hi].repeat(group, 1)
+                parts.append((torch.baddbmm(bias, qb, win_k[0, :, lo:hi].transpose(1, 2), alpha=scaling),
+                              win_v[0, :, lo:hi]))
+            if sink_k is not None:
+                qb = q_sink[0, :, :, a:b].reshape(kv_heads, rows, head_dim)
+                bias = sink_bias[a:b].repeat(group, 1)
+                parts.append((torch.baddbmm(bias, qb, sink_k[0].transpose(1, 2), alpha=scaling), sink_v[0]))
+            top = parts[0][0].amax(-1, keepdim=True)
+            for scores, _ in parts[1:]:
+                top = torch.maximum(top, scores.amax(-1, keepdim=True))
+            total = None
+            res = None
+            for scores, values in parts:
+                scores.sub_(top).exp_()
+                part_sum = scores.sum(-1, keepdim=True)
+                total = part_sum if total is None else total.add_(part_sum)
+                res = torch.bmm(scores, values) if res is None else res.baddbmm_(scores, values)
+            out[:, :, a:b] = res.div_(total).view(kv_heads, group, b - a, head_dim)
+        out = out.to(value.dtype).view(batch, heads, count, head_dim)
         return out.reshape(batch, heads, count, head_dim).transpose(1, 2).contiguous()
