@@ -171,3 +171,64 @@ class AlibiReferenceCache(Cache):
         values = value_states if values is None else torch.cat((values, value_states), dim=-2)
         self.keys_by_layer[layer_idx], self.values_by_layer[layer_idx] = keys, values
         return keys, values
+
+
+class PlainPositionsReferenceCache(Cache):
+    """Sink/window streaming with positions chosen per key, written plainly, token by token (test oracle).
+
+    The model is fed every token at position 0 (pass `position_ids=[[0]]`), so it hands over un-rotated keys and
+    computes an un-rotated query. The reference keeps the first S keys and the last W (the new one included), un-rotated,
+    with their stream indices, and for the query of token t returns each kept key j rotated by -(distance of j from
+    t), with float64 angles: q . R(-d) k is the RoPE score of a key at distance d.
+
+    scheme "original": keys keep the positions they were computed at, so d = t - j for every key (sinks included).
+    scheme "in-cache": the paper, d = min(t, S + W - 1) - j for a sink j < S, t - j for the window.
+    """
+
+    def __init__(self, model, num_sinks: int, window: int, scheme: str = "original"):
+        rotary = find_rotary_module(model)
+        self.inv_freq = rotary.inv_freq.detach().to("cpu", torch.float64)
+        self.S, self.W, self.scheme = num_sinks, window, scheme
+        n_layers = model.config.num_hidden_layers
+        super().__init__(layers=[_RefLayer() for _ in range(n_layers)])
+        self.kept = [None] * n_layers  # (stream indices, raw keys, values)
+        self.t = -1
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # the model is fed position 0 anyway
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int):
+        return self._count(layer_idx) + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._count(layer_idx)
+
+    def _count(self, layer_idx):
+        kept = self.kept[layer_idx]
+        return 0 if kept is None else min(len(kept[0]), self.S + self.W - 1)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if key_states.shape[-2] != 1:
+            raise ValueError("the reference takes one token per forward")
+        if layer_idx == 0:
+            self.t += 1
+        t = self.t
+        kept = self.kept[layer_idx]
+        if kept is None:
+            tokens, keys, values = [t], key_states, value_states
+        else:
+            tokens = kept[0] + [t]
+            keys = torch.cat((kept[1], key_states), dim=-2)
+            values = torch.cat((kept[2], value_states), dim=-2)
+        # keep the sinks and the most recent W tokens
+        keep = [i for i, j in enumerate(tokens) if j < self.S or j > t - self.W]
+        tokens, keys, values = [tokens[i] for i in keep], keys[..., keep, :], values[..., keep, :]
+        self.kept[layer_idx] = (tokens, keys, values)
+        dist = [(min(t, self.S + self.W - 1) - j) if (self.scheme == "in-cache" and j < self.S) else t - j
+                for j in tokens]
+        angles = -torch.tensor(dist, dtype=torch.float64)[:, None] * self.inv_freq[None, :]
+        cos, sin = angles.cos().to(keys.dtype), angles.sin().to(keys.dtype)
+        half = cos.shape[-1]
+        x1, x2, rest = keys[..., :half], keys[..., half:2 * half], keys[..., 2 * half:]
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+        return rotated, values
