@@ -336,7 +336,7 @@ def test_perplexity_table_has_its_own_heading(tmp_path):
 def test_batch_is_shown_and_latency_is_per_step(tmp_path):
     from rich.console import Console
 
-    from pystream.summary import print_summary
+    from pystream.results.summary import print_summary
 
     run = make_run(tmp_path / "run", batch=4)
     html = write_report([run], tmp_path / "report.html").read_text()
@@ -355,7 +355,7 @@ def test_summary_tables_do_not_wrap(tmp_path, width):
     """Each record is one line of the terminal table, and the OOM message reads in one piece."""
     from rich.console import Console
 
-    from pystream.summary import print_summary
+    from pystream.results.summary import print_summary
 
     records = load_run(REPORTS / "default-run").records
     console = Console(width=width, file=io.StringIO(), color_system=None)
