@@ -27,6 +27,7 @@ and quality passes onto parts.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -151,6 +152,8 @@ class Plan:
         self.finished: list[tuple[Item, float]] = []  # this session's, with their seconds
         self.current: Item | None = None
         self.started_at = 0.0
+        # rich draws the bar from its refresh thread while the run finishes items on the main thread
+        self.lock = threading.RLock()
 
     # ---- counts ---------------------------------------------------------------------------------------------------
     def counts(self, quality: bool) -> tuple[int, int]:
@@ -171,12 +174,17 @@ class Plan:
 
     # ---- running --------------------------------------------------------------------------------------------------
     def start(self, item: Item) -> None:
-        self.current, self.started_at = item, self.clock()
+        with self.lock:
+            self.current, self.started_at = item, self.clock()
 
     def finish(self, item: Item, seconds: float | None = None, setup_s: float | None = None,
                measured: bool = True) -> None:
         """`item` finished after `seconds` (default: since `start`), `setup_s` of them setting up its state;
         `measured=False` for an item whose time says nothing about rates (an OOM, a result taken from another)."""
+        with self.lock:
+            self._finish(item, seconds, setup_s, measured)
+
+    def _finish(self, item, seconds, setup_s, measured) -> None:
         if seconds is None:
             seconds = self.clock() - self.started_at
         if measured:
@@ -203,16 +211,18 @@ class Plan:
         return bound, elapsed
 
     def remaining_s(self) -> float:
-        model, elapsed = self._model_now()
-        total = sum(model.cost(i.parts) for i in self.pending)
-        return max(0.0, total - elapsed)
+        with self.lock:
+            model, elapsed = self._model_now()
+            total = sum(model.cost(i.parts) for i in self.pending)
+            return max(0.0, total - elapsed)
 
     def fraction(self) -> float:
         """Of this session's work, the part done: seconds spent over seconds spent plus seconds left."""
-        spent = sum(s for _, s in self.finished)
-        if self.current is not None:
-            spent += self.clock() - self.started_at
-        left = self.remaining_s()
+        with self.lock:
+            spent = sum(s for _, s in self.finished)
+            if self.current is not None:
+                spent += self.clock() - self.started_at
+            left = self.remaining_s()
         return spent / (spent + left) if spent + left > 0 else 1.0
 
 
