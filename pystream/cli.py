@@ -342,11 +342,43 @@ def run_metadata(config: RunConfig, loaded, text, n_tokens) -> dict:
 
 
 def make_progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    """The run's progress bars. A task given a `plan` (pystream.measure.eta.Plan) is drawn from it: its bar is the
+    share of this session's work done in estimated seconds, its count the items, its ETA the plan's time left from
+    measured rates; every other task is drawn as rich draws it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
+        TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    from .measure.eta import format_seconds
+
+    class PlanBar(BarColumn):
+        def render(self, task):
+            plan = task.fields.get("plan")
+            if plan is None:
+                return super().render(task)
+            bar = super().render(task)
+            bar.total, bar.completed = 1.0, plan.fraction()
+            return bar
+
+    class PlanCount(MofNCompleteColumn):
+        def render(self, task):
+            plan = task.fields.get("plan")
+            if plan is None:
+                return super().render(task)
+            total = len(plan.finished) + len(plan.pending)
+            return Text(f"{len(plan.finished)}/{total}", style="progress.download")
+
+    class PlanRemaining(ProgressColumn):
+        default = TimeRemainingColumn()
+
+        def render(self, task):
+            plan = task.fields.get("plan")
+            if plan is None:
+                return self.default.render(task)
+            return Text(format_seconds(plan.remaining_s()), style="progress.remaining")
+
+    return Progress(TextColumn("{task.description}"), PlanBar(), PlanCount(), TimeElapsedColumn(),
+                    TextColumn("ETA"), PlanRemaining(), console=console)
 
 
 class saving_on_interrupt:
@@ -409,6 +441,7 @@ def _run_experiment(config: RunConfig, loaded, ids, writer, console, out_console
 
 
 def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console) -> int:
+    from .measure.eta import plan_bench
     from .measure.runner import Bench, BenchConfig
     from .results.summary import print_summary
 
@@ -421,20 +454,22 @@ def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console) -> 
     progress = make_progress(console)
     bench = Bench(cfg, loaded.model, ids, progress, run_dir=config.out)
     cells, quality = bench.cells(), bench.quality_plan()
-    skipped = 0
+    identity = {"cell": bench.cell_identity, "quality": bench.quality_identity}
+    plan = plan_bench(bench, cells, quality, lambda kind, args: writer.done(identity[kind](*args)) is not None)
+    skipped = len(plan.items) - len(plan.pending)
+    if skipped and plan.resume_message():
+        console.print(plan.resume_message())
     with saving_on_interrupt(writer, console, config.out, config.argv) as interrupted, progress:
-        overall = progress.add_task("[bold]cells", total=len(cells) + len(quality))
-        for method, capacity, length in cells:
-            if writer.done(bench.cell_identity(method, capacity, length)) is not None:
-                skipped += 1
+        overall = progress.add_task("[bold]cells", total=len(plan.pending), plan=plan)
+        for item in list(plan.pending):
+            plan.start(item)
+            if item.quality:
+                rec = bench.run_quality(*item.key[1:])
             else:
-                writer.append(bench.run_cell(method, capacity, length, writer.records))
-            progress.advance(overall)
-        for method, capacity in quality:
-            if writer.done(bench.quality_identity(method, capacity)) is None:
-                writer.append(bench.run_quality(method, capacity))
-            else:
-                skipped += 1
+                rec = bench.run_cell(*item.key[1:], writer.records)
+            writer.append(rec)
+            # an OOM or a result taken from another pass says nothing about rates
+            plan.finish(item, setup_s=rec.get("setup_s"), measured=rec.get("status") == "ok" and bool(item.parts))
             progress.advance(overall)
     if interrupted:
         return 130

@@ -67,6 +67,20 @@ def test_resume_runs_nothing_twice(tiny_model_dir, text_file, tmp_path, capsys):
     assert re.search(r"resumed: (\d+) finished", stderr).group(1) == str(len(before.splitlines()))
 
 
+def test_resume_says_how_much_was_done_before_the_bar(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, text_file, out, "--methods", "sink,window")
+    assert run_cli(args, capsys)[0] == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    kinds = [json.loads(line)["record"] for line in lines]
+    assert kinds == ["cell"] * 8 + ["quality"] * 2  # 2 lengths x 2 capacities x 2 methods, then 2 passes
+    (out / "results.jsonl").write_text("\n".join(lines[:5]) + "\n")  # as if stopped after 5 cells
+    code, _, stderr = run_cli([*args, "--resume"], capsys)
+    assert code == 0, stderr
+    assert "resuming: 5 of 8 cells already done, 0 of 2 quality passes; 5 items to run" in stderr
+    assert len(read_records(out)) == 10
+
+
 def test_dense_that_would_not_fit_is_recorded_as_oom(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
     from pystream.measure import clocks as measure
 
