@@ -8,13 +8,16 @@ loading anything and returns an immutable `RunConfig`, and `run(config)` does th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,9 +352,35 @@ def make_progress(console):
                     TextColumn("ETA"), TimeRemainingColumn(), console=console)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, `docker stop`, `kill`): handled exactly as Ctrl-C, exit code 143 (128 + 15)."""
+
+
+EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_WRITE_FAILED = 130, 143, 1
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While running, SIGTERM raises `Terminated`, so that it ends the run like Ctrl-C: what is finished is saved and
+    the resume command is printed, instead of the process dying silently."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class saving_on_interrupt:
-    """Ctrl-C ends the run cleanly: the lock is released, what is finished is on disk, and the user is told how to
-    resume. The `with` value is a list that is non-empty after an interruption."""
+    """Ctrl-C or SIGTERM ends the run cleanly: the lock is released, what is finished is on disk, and the user is
+    told how to resume. So does a record that cannot be written (a full disk): the results file ends at its last
+    whole record. The `with` value is a list that holds the exit code after such an ending."""
 
     def __init__(self, writer, console, out: Path, argv):
         self.writer, self.console, self.out, self.argv = writer, console, out, argv
@@ -361,11 +390,21 @@ class saving_on_interrupt:
         return self.interrupted
 
     def __exit__(self, kind, value, traceback):
+        from .results import ResultsWriteError
+
         self.writer.close()
-        if kind is KeyboardInterrupt:
-            self.interrupted.append(True)
-            self.console.print(f"\n[yellow]interrupted[/yellow]: {len(self.writer.records)} finished record(s) are "
-                               f"saved in {self.out}. Resume with:\n  {resume_command(self.argv, self.out)}")
+        saved = f"{len(self.writer.records)} finished record(s) are saved in {self.out}"
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            terminated = issubclass(kind, Terminated)
+            self.interrupted.append(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+            self.console.print(f"\n[yellow]interrupted{' (SIGTERM)' if terminated else ''}[/yellow]: {saved}. "
+                               f"Resume with:\n  {resume_command(self.argv, self.out)}")
+            return True
+        if kind is not None and issubclass(kind, ResultsWriteError):
+            self.interrupted.append(EXIT_WRITE_FAILED)
+            # one line, as every error: what failed, what is safe, how to go on
+            print(f"pystream-bench: error: {value}; {saved}; free space, then resume with: "
+                  f"{resume_command(self.argv, self.out)}", file=sys.stderr)
             return True
         return False
 
@@ -396,7 +435,7 @@ def _run_experiment(config: RunConfig, loaded, ids, writer, console, out_console
     with saving_on_interrupt(writer, console, config.out, config.argv) as interrupted, progress:
         PaperExperiment(cfg, loaded.model, ids, writer, progress, config.device, config.out).run()
     if interrupted:
-        return 130
+        return interrupted[0]
     table = Table(title=f"the paper's findings on {loaded.name} (ours) beside the paper's", title_justify="left")
     for name in ("finding", "setting", "ours", "paper", "paper's setting"):
         table.add_column(name, justify="right" if name in ("ours", "paper") else "left")
@@ -437,7 +476,7 @@ def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console) -> 
                 skipped += 1
             progress.advance(overall)
     if interrupted:
-        return 130
+        return interrupted[0]
     if skipped:
         console.print(f"resumed: {skipped} finished record(s) kept, not run again")
     print_summary(writer.records, out_console)
@@ -459,14 +498,16 @@ def write_final_report(out: Path, console) -> None:
 
 def main(argv=None) -> int:
     try:
-        config = validate(build_parser().parse_args(argv), argv)
-        return run(config)
+        with sigterm_as_interrupt():
+            config = validate(build_parser().parse_args(argv), argv)
+            return run(config)
     except UsageError as err:
         print(f"pystream-bench: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # while loading or tokenizing: nothing was written yet (cells handle their own)
-        print("pystream-bench: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # while loading or tokenizing: nothing was written yet (cells handle their own)
+        terminated = isinstance(err, Terminated)
+        print(f"pystream-bench: interrupted{' (SIGTERM)' if terminated else ''}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 def load_inputs(config: RunConfig, console):

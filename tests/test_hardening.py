@@ -133,3 +133,109 @@ def test_an_unwritable_cache_directory_does_not_stop_a_run(tiny_model_dir, text_
     code, _, stderr = run_cli(args, capsys)
     assert code == 0, stderr
     assert len(read_results(out / "results.jsonl")[0]) == 1
+
+
+# ---- a full disk: every record is whole or absent, the run says so and resumes (issue 16, item 2) ----
+
+def limit_file_size(size_bytes):
+    """For a child process: files may not grow past `size_bytes` (RLIMIT_FSIZE, no privileges needed), and the
+    signal the kernel sends at the limit is ignored, so that the write fails with EFBIG as on a full disk."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size_bytes, resource.RLIM_INFINITY))
+
+    return apply
+
+
+WRITER_SCRIPT = r"""
+import json, os, resource, signal, sys
+from pathlib import Path
+from pystream.results import RunWriter, ResultsWriteError, SCHEMA, SCHEMA_VERSION, read_results
+
+out = Path(sys.argv[1])
+writer = RunWriter(out, {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "config": {}}, resume=False)
+cell = {"record": "cell", "method": "sink", "cache_size": 32, "sinks": 4, "length": 0, "mode": "state",
+        "status": "oom", "error": "x" * 700}
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, resource.RLIM_INFINITY))  # room for two records, not three
+written = 0
+try:
+    for length in range(1, 10):
+        writer.append(dict(cell, length=length))
+        written += 1
+except ResultsWriteError as err:
+    print("refused:", err)
+size_after_failure = (out / "results.jsonl").stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))  # space came back
+writer.append(dict(cell, length=100))
+writer.close()
+records, valid = read_results(out / "results.jsonl")
+data = (out / "results.jsonl").read_bytes()
+print(json.dumps({"written": written, "size_after_failure": size_after_failure, "valid": valid,
+                  "two_records": sum(len(line) + 1 for line in data.splitlines()[:2]),
+                  "size": (out / "results.jsonl").stat().st_size, "lengths": [r["length"] for r in records]}))
+"""
+
+
+def test_a_write_that_fails_leaves_whole_records_and_the_next_one_starts_on_a_boundary(tmp_path):
+    result = subprocess.run([sys.executable, "-c", WRITER_SCRIPT, str(tmp_path / "run")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout and "cannot write a record (File too large)" in result.stdout
+    facts = json.loads(result.stdout.splitlines()[-1])
+    assert facts["written"] == 2
+    assert facts["size_after_failure"] == facts["two_records"]  # cut back to two whole records, nothing of the third
+    assert facts["valid"] == facts["size"]  # every byte is part of a whole record
+    assert facts["lengths"] == [1, 2, 100]  # the record written after space came back stands on its own line
+
+
+def test_a_partial_write_is_completed(tmp_path, monkeypatch):
+    """`os.write` may write fewer bytes than asked: the writer goes on until the record is whole."""
+    from pystream.results import SCHEMA, SCHEMA_VERSION, RunWriter
+    from pystream.results import store
+
+    real_write = os.write
+    monkeypatch.setattr(store.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))  # 7 bytes at a time
+    writer = RunWriter(tmp_path / "run", {"schema": SCHEMA, "schema_version": SCHEMA_VERSION}, resume=False)
+    writer.append({"record": "cell", "method": "sink", "cache_size": 32, "sinks": 4, "length": 64, "mode": "state",
+                   "status": "oom", "error": "a long enough message " * 5})
+    writer.close()
+    records, valid = read_results(tmp_path / "run" / "results.jsonl")
+    assert len(records) == 1 and records[0]["error"].startswith("a long enough")
+    assert valid == (tmp_path / "run" / "results.jsonl").stat().st_size
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_resume_completes_it(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    cmd = bench_command(tiny_model_dir, text_file, out)
+    cmd[cmd.index("--steps") + 1] = "2"
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size(4000))
+    assert full.returncode == 1, full.stderr
+    errors = [line for line in full.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "cannot write a record (File too large)" in errors[0], full.stderr
+    assert "--resume" in errors[0] and "Traceback" not in full.stderr and "complete" not in full.stderr
+    data = (out / "results.jsonl").read_bytes()
+    records, valid = read_results(out / "results.jsonl")
+    assert valid == len(data) and data.endswith(b"\n") and 1 <= len(records) < 6  # whole records only
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    after, _ = read_results(out / "results.jsonl")
+    assert len(after) == 6 and len(set(keys(after))) == 6
+    assert (out / "results.jsonl").read_bytes().startswith(data)
+
+
+def test_sigterm_is_handled_as_ctrl_c(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    proc = start(tiny_model_dir, text_file, out)
+    wait_for_records(out, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert "Traceback" not in stderr
+    assert "interrupted (SIGTERM)" in stderr and "--resume" in stderr and str(out) in stderr.replace("\n", "")
+    assert not (out / ".lock").exists()
+    records, _ = read_results(out / "results.jsonl")
+    assert records and all(r["status"] == "ok" for r in records)

@@ -12,8 +12,11 @@ Schema (`schema_version` 1), every record has `schema`, `schema_version` and `re
   record "quality"  per-token NLL of one method over the first tokens of the text: ppl, buckets, nll series
 See README.md ("Results files") for every field.
 
-A record is written with one `write` of one line, flushed and fsync'ed: a run killed at any moment loses at most
-the record being measured. A torn last line (killed mid-write) is ignored on reading and dropped on resume.
+A record is one line, written completely (`os.write` is repeated until every byte is out) and fsync'ed: a run
+killed at any moment loses at most the record being measured. A torn last line (killed mid-write) is ignored on
+reading and dropped on resume. A write that fails (a full disk, a file-size limit) is cut back to the last whole
+record and raised as `ResultsWriteError`, so the file always ends on a record boundary and the next append, once
+space is back, starts on one.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pathlib import Path
 from .._files import write_atomic, write_text_atomic
 from .schema import ResultsError, check_version, record, record_key
 
-__all__ = ["RESULTS", "META", "LOCK", "read_results", "read_meta", "Run", "load_run", "RunWriter", "write_atomic"]
+__all__ = ["RESULTS", "META", "LOCK", "read_results", "read_meta", "Run", "load_run", "RunWriter", "ResultsWriteError",
+           "write_atomic"]
 
 RESULTS = "results.jsonl"
 META = "run.json"
@@ -102,6 +106,21 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(run_dir, meta, records)
 
 
+class ResultsWriteError(ResultsError):
+    """A record could not be written (a full disk, a file-size limit); the file was cut back to its last whole record."""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """`os.write` may write fewer bytes than asked (a disk filling up, a file-size limit): repeat until all are out;
+    a write that makes no progress raises."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(28, "No space left on device (a write made no progress)")
+        view = view[written:]
+
+
 class RunWriter:
     """Appends records to a run directory it holds locked."""
 
@@ -109,6 +128,14 @@ class RunWriter:
         self.path = run_dir
         self._lock_file = None
         self.records: list[dict] = []
+        self._end = 0  # bytes of results.jsonl that are whole records: where the next record starts
+        try:
+            self._open(meta, resume)
+        except OSError as err:  # a full disk or a read-only file while writing run.json or truncating
+            self.close()
+            raise ResultsError(f"{self.path}: cannot write the run directory ({err.strerror or err})") from None
+
+    def _open(self, meta: dict, resume: bool) -> None:
         if resume:
             self._open_existing(meta)
         else:
@@ -168,6 +195,7 @@ class RunWriter:
             with open(results, "r+b") as handle:  # drop a torn last line before appending
                 handle.truncate(valid)
         self.records = records
+        self._end = valid
         meta = dict(meta, resumed_from=old.get("started"), runs=old.get("runs", 1) + 1)
         write_text_atomic(self.path / META, json.dumps(meta, indent=2) + "\n")
 
@@ -185,12 +213,29 @@ class RunWriter:
         record; returns the record."""
         rec = record(measured["record"], **{k: v for k, v in measured.items() if k != "record"})
         line = (json.dumps(rec, separators=(",", ":")) + "\n").encode("utf-8")
-        fd = os.open(self.path / RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        path = self.path / RESULTS
         try:
-            os.write(fd, line)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ResultsWriteError(f"{path}: cannot open for writing ({err.strerror or err})") from None
+        try:
+            if os.fstat(fd).st_size != self._end:  # a cut record left by an earlier failure that could not be undone
+                os.ftruncate(fd, self._end)
+            _write_all(fd, line)
             os.fsync(fd)
+        except BaseException as err:  # a failed write, or Ctrl-C / SIGTERM in the middle of one
+            # cut back to the last whole record, so that the file stays readable and a later append (space back)
+            # does not glue its record onto a fragment; if even that fails, the next append tries again
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._end)
+                os.fsync(fd)
+            if not isinstance(err, OSError):
+                raise
+            raise ResultsWriteError(f"{path}: cannot write a record ({err.strerror or err}); the file ends at its last "
+                                    "whole record") from None
         finally:
             os.close(fd)
+        self._end += len(line)
         self.records.append(rec)
         return rec
 
