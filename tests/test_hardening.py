@@ -239,3 +239,64 @@ def test_sigterm_is_handled_as_ctrl_c(tiny_model_dir, text_file, tmp_path):
     assert not (out / ".lock").exists()
     records, _ = read_results(out / "results.jsonl")
     assert records and all(r["status"] == "ok" for r in records)
+
+
+# ---- special files: refused before anything is read, never a hang (item 3) ----
+
+def test_special_files_are_refused_with_one_line(tiny_model_dir, text_file, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    model_with_fifo = tmp_path / "model-with-fifo"
+    model_with_fifo.mkdir()
+    for item in tiny_model_dir.iterdir():
+        (model_with_fifo / item.name).symlink_to(item)
+    os.mkfifo(model_with_fifo / "tokenizer_config.json.fifo")
+    cases = [(["--text", fifo], "is a FIFO, not a regular file"),
+             (["--text", "/dev/zero"], "is a device, not a regular file"),
+             (["--text", tmp_path], "is a directory, not a file"),
+             (["--model", model_with_fifo], "is not a regular file")]
+    for extra, message in cases:
+        out = tmp_path / "run"
+        args = ["--model", tiny_model_dir, "--text", text_file, "--out", out, "--lengths", "64", *map(str, extra)]
+        # a subprocess with a timeout: a regression would block on the FIFO, not hang the test run
+        result = subprocess.run([sys.executable, "-m", "pystream.cli", *map(str, args)], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2, (extra, result.stderr)
+        assert message in result.stderr and result.stderr.strip().count("\n") == 0, (extra, result.stderr)
+        assert not out.exists()
+
+
+def test_a_text_larger_than_the_limit_is_refused_before_reading(text_file, monkeypatch):
+    from pystream.inputs import texts
+
+    monkeypatch.setattr(texts, "MAX_TEXT_BYTES", 100)
+    import pytest
+
+    with pytest.raises(texts.TextError, match=r"bytes, more than the 100 read at most"):
+        texts.load_text(str(text_file))
+
+
+def test_a_results_file_that_is_a_fifo_is_refused(tmp_path, capsys):
+    from pystream.report import main as report_main
+    from pystream.results import SCHEMA, SCHEMA_VERSION
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"schema": SCHEMA, "schema_version": SCHEMA_VERSION}))
+    os.mkfifo(run / "results.jsonl")
+    assert report_main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "results.jsonl: is a FIFO, not a regular file" in err and err.strip().count("\n") == 0
+
+
+def test_a_truncated_model_file_is_a_model_error(tiny_model_dir, text_file, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = tmp_path / "run"
+    code, _, stderr = run_cli(["--model", broken, "--text", text_file, "--out", out, "--lengths", "64"], capsys)
+    assert code == 2 and stderr.startswith("pystream-bench: error: --model: could not load") , stderr
+    assert stderr.strip().count("\n") == 0 and not out.exists()

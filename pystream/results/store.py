@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._files import write_atomic, write_text_atomic
+from .._files import read_regular_file, write_atomic, write_text_atomic
 from .schema import ResultsError, check_version, record, record_key
 
 __all__ = ["RESULTS", "META", "LOCK", "read_results", "read_meta", "Run", "load_run", "RunWriter", "ResultsWriteError",
@@ -37,17 +37,16 @@ __all__ = ["RESULTS", "META", "LOCK", "read_results", "read_meta", "Run", "load_
 RESULTS = "results.jsonl"
 META = "run.json"
 LOCK = ".lock"
+# Read at most this much (regular files only: a FIFO in their place would block the reader forever). A record is a
+# few KB (a quality record with 12k NLL values ~100 KB), so 1 GiB is ~10,000 records of the largest kind.
+MAX_RESULTS_BYTES = 1 << 30
+MAX_META_BYTES = 16 << 20
 
 
 def read_results(path: Path) -> tuple[list[dict], int]:
     """Records of a results file, and the byte length of its valid part (a torn last line is left out).
     Any other damage is a ResultsError naming the file and the line."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ResultsError(f"{path}: is a directory, not a results file") from None
+    data = read_regular_file(path, str(path), MAX_RESULTS_BYTES, ResultsError)
     records, valid = [], 0
     lines = data.split(b"\n")
     for number, line in enumerate(lines, start=1):
@@ -75,11 +74,15 @@ def read_results(path: Path) -> tuple[list[dict], int]:
 def read_meta(run_dir: Path) -> dict:
     path = run_dir / META
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        os.stat(path)
     except FileNotFoundError:
         raise ResultsError(f"{run_dir}: not a pystream run directory (no {META})") from None
     except NotADirectoryError:
         raise ResultsError(f"{run_dir}: not a directory") from None
+    except OSError as err:
+        raise ResultsError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        meta = json.loads(read_regular_file(path, str(path), MAX_META_BYTES, ResultsError).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ResultsError(f"{path}: invalid JSON ({err})") from None
     if not isinstance(meta, dict):
