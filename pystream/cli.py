@@ -44,14 +44,31 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit code 2."""
 
 
-def parse_size(text: str, what: str) -> int:
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
+# Upper bounds of every number on the command line, checked before anything is created. Far above any real run
+# (a stream of 2^40 tokens is ~400 years at 10k tokens/s) and small enough that no size overflows the int64
+# counters and tensors they become. Memory is checked per cell, against the device, before anything is allocated.
+MAX_TOKENS = 1 << 40  # --lengths, --ppl-tokens, --experiment-tokens, --cache-tokens, --stability-tokens
+MAX_CAPACITY = 1 << 24  # --cache-sizes, --ppl-cache, --experiment-cache, --sinks: 16M slots
+MAX_BOUNDS = {"sinks": MAX_CAPACITY, "steps": 1_000_000, "warmup": 1_000_000, "batch": 4096, "threads": 1024,
+              "ppl_tokens": MAX_TOKENS, "ppl_cache": MAX_CAPACITY, "recompute_samples": 1_000_000,
+              "profile_steps": 10_000, "seed": (1 << 63) - 1, "experiment_cache": MAX_CAPACITY}
+MAX_SCALING = 1024.0  # dense-pi:F and friends
+
+
+def parse_size(text: str, what: str, maximum: int = MAX_TOKENS) -> int:
+    match = re.fullmatch(r"\s*(\d{1,30})\s*([kKmM]?)\s*", text)  # 30 digits: int() never meets its digit limit
     if not match:
         raise UsageError(f"{what}: {text!r} is not a size (examples: 4096, 4k, 1M)")
     value = int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()]
     if value <= 0:
         raise UsageError(f"{what}: {text!r} must be positive")
+    if value > maximum:
+        raise UsageError(f"{what}: {text!r} is more than the {maximum:,} allowed")
     return value
+
+
+def parse_capacity(text: str, what: str) -> int:
+    return parse_size(text, what, MAX_CAPACITY)
 
 
 def parse_list(text: str, what: str, parse) -> list:
@@ -203,23 +220,23 @@ def validate(args, argv=None) -> RunConfig:
     from .measure.cells import METHODS, is_dense
 
     lengths = parse_list(args.lengths, "--lengths", parse_size)
-    cache_sizes = parse_list(args.cache_sizes, "--cache-sizes", parse_size)
+    cache_sizes = parse_list(args.cache_sizes, "--cache-sizes", parse_capacity)
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in METHODS and not is_dense(m)]
     if unknown or not args.methods.strip():
         raise UsageError(f"--methods: unknown method {unknown[0] if unknown else args.methods!r}; choose from "
                          f"{', '.join(METHODS)}, or dense-pi:F, dense-ntk:F, dense-yarn:F (RoPE scaled by F >= 1)")
     for m in methods:
-        if is_dense(m) and m != "dense" and float(m.split(":")[1]) < 1:
-            raise UsageError(f"--methods: {m}: the scaling factor must be >= 1")
+        if is_dense(m) and m != "dense" and not 1 <= float(m.split(":")[1]) <= MAX_SCALING:
+            raise UsageError(f"--methods: {m}: the scaling factor must be >= 1 and <= {MAX_SCALING:g}")
     methods = list(dict.fromkeys(methods))
     threads = args.threads if args.threads is not None else ((os.cpu_count() or 1) if args.experiment else 1)
-    experiment = _validate_experiment(args) if args.experiment else {}
-    for name in ("sinks", "steps", "warmup", "batch", "threads", "ppl_tokens", "recompute_samples", "profile_steps"):
-        minimum = 1 if name in ("steps", "batch", "threads", "recompute_samples", "profile_steps") else 0
+    for name, maximum in MAX_BOUNDS.items():
+        minimum = 1 if name in ("steps", "batch", "threads", "recompute_samples", "profile_steps", "ppl_cache") else 0
         value = threads if name == "threads" else getattr(args, name)
-        if value is not None and value < minimum:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+        if value is not None and not minimum <= value <= maximum:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum} and <= {maximum:,}, got {value}")
+    experiment = _validate_experiment(args) if args.experiment else {}
     if "sink" in methods:
         small = [c for c in cache_sizes if c <= args.sinks]
         if small:
@@ -255,7 +272,7 @@ def _validate_experiment(args) -> dict:
                          f"{', '.join(PARTS)}")
     values = {
         "parts": tuple(parts),
-        "experiment_tokens": parse_size(args.experiment_tokens, "--experiment-tokens"),
+        "experiment_tokens": parse_size(args.experiment_tokens, "--experiment-tokens"),  # bounded too
         "experiment_cache": args.experiment_cache,
         "cache_tokens": parse_size(args.cache_tokens, "--cache-tokens"),
         "stability_tokens": (parse_size(args.stability_tokens, "--stability-tokens")

@@ -300,3 +300,92 @@ def test_a_truncated_model_file_is_a_model_error(tiny_model_dir, text_file, tmp_
     code, _, stderr = run_cli(["--model", broken, "--text", text_file, "--out", out, "--lengths", "64"], capsys)
     assert code == 2 and stderr.startswith("pystream-bench: error: --model: could not load") , stderr
     assert stderr.strip().count("\n") == 0 and not out.exists()
+
+
+# ---- every number bounded before anything is created; allocator failures are oom records (item 4) ----
+
+import pytest  # noqa: E402
+
+BOUNDS = [
+    (["--lengths", "99999999999999999999999"], "--lengths: '99999999999999999999999' is more than"),
+    (["--lengths", "9" * 5000], "is not a size"),
+    (["--cache-sizes", "100000000000"], "--cache-sizes: '100000000000' is more than"),
+    (["--ppl-cache", "100000000000"], "--ppl-cache must be >= 1 and <="),
+    (["--batch", "100000"], "--batch must be >= 1 and <= 4,096"),
+    (["--steps", "10000000000"], "--steps must be"),
+    (["--warmup", "10000000000"], "--warmup must be"),
+    (["--threads", "100000"], "--threads must be"),
+    (["--sinks", "100000000000"], "--sinks must be"),
+    (["--seed", "-1"], "--seed must be"),
+    (["--seed", str(1 << 70)], "--seed must be"),
+    (["--recompute-samples", "10000000000"], "--recompute-samples must be"),
+    (["--profile-steps", "10000000000"], "--profile-steps must be"),
+    (["--ppl-tokens", "99999999999999999999"], "--ppl-tokens must be"),
+    (["--methods", "dense-pi:1e9"], "--methods: unknown method"),
+    (["--methods", "dense-pi:99999999999"], "the scaling factor must be >= 1 and <= 1024"),
+    (["--experiment", "paper", "--experiment-tokens", "99999999999999999999"], "--experiment-tokens:"),
+    (["--experiment", "paper", "--experiment-cache", "100000000000"], "--experiment-cache must be"),
+    (["--experiment", "paper", "--stability-tokens", "99999999999999999999"], "--stability-tokens:"),
+]
+
+
+@pytest.mark.parametrize("args, message", BOUNDS, ids=[" ".join(a)[:40] for a, _ in BOUNDS])
+def test_numbers_past_their_bound_are_refused_before_anything_is_created(args, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, stderr = run_cli([*args, "--out", out], capsys)
+    assert code == 2 and message in stderr, stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr and not out.exists()
+
+
+def test_an_allocator_failure_is_an_oom_record(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    """torch's CPU allocator raises a plain RuntimeError; the cell and the quality pass record it as oom and the
+    run goes on."""
+    import torch
+
+    from pystream.measure import cells
+
+    def huge(*args, **kwargs):
+        return torch.empty(1 << 50)  # a real allocator failure, not a stand-in exception
+
+    monkeypatch.setattr(cells, "streaming_cache", huge)
+    out = tmp_path / "run"
+    args = ["--model", tiny_model_dir, "--text", text_file, "--out", out, "--methods", "window,dense", "--lengths",
+            "64", "--cache-sizes", "32", "--steps", "2", "--warmup", "1", "--ppl-tokens", "40", "--no-report"]
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    from conftest import read_records
+
+    by = {(r["record"], r["method"]): r for r in read_records(out)}
+    for key in (("cell", "window"), ("quality", "window")):
+        assert by[key]["status"] == "oom" and "can't allocate memory" in by[key]["error"], by[key]
+    assert by[("cell", "dense")]["status"] == "ok" and by[("quality", "dense")]["status"] == "ok"
+
+
+def test_a_streaming_cache_that_would_not_fit_is_predicted(tiny_model_dir, text_file, tmp_path, capsys,
+                                                           monkeypatch):
+    from pystream.measure import clocks
+
+    monkeypatch.setattr(clocks, "available_bytes", lambda device: 64 * 1024**2)
+    out = tmp_path / "run"
+    args = ["--model", tiny_model_dir, "--text", text_file, "--out", out, "--methods", "sink", "--lengths",
+            "64", "--cache-sizes", "4M", "--steps", "2", "--warmup", "1", "--ppl-tokens", "0", "--no-report"]
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    from conftest import read_records
+
+    (cell,) = read_records(out)
+    assert cell["status"] == "oom" and cell["error"].startswith("OOM: needs") and cell["kv_bytes_needed"] > 2**31
+
+
+def test_a_perplexity_that_overflows_is_infinite_and_stored_as_null():
+    import math
+
+    import numpy as np
+
+    from pystream.measure.quality import perplexity, sampled_perplexity, summarise
+    from pystream.results import record
+
+    nll = np.array([800.0, 790.0, np.nan])
+    assert perplexity(nll) == math.inf and sampled_perplexity(nll)[0] == math.inf
+    stored = record("quality", **summarise(nll, sampled=False, bucket_tokens=2))
+    assert stored["ppl"] is None and stored["buckets"][0]["ppl"] is None

@@ -143,7 +143,7 @@ class Bench:
         if kind.rope_scaling:
             common["rope_scaling"] = {"type": kind.rope_scaling[0], "factor": kind.rope_scaling[1]}
         started = time.perf_counter()
-        needed = kind.kv_bytes_needed(self, length, self.cfg.batch)
+        needed = kind.kv_bytes_needed(self, length, self.cfg.batch, capacity)
         if needed is not None:
             ok, message = clocks.fits(needed, self.device)
             if not ok:
@@ -151,10 +151,11 @@ class Bench:
         try:
             with clocks.peak_memory(self.device) as memory, kind.context(self):
                 result = kind.time_cell(self, capacity, length)
-        except (torch.OutOfMemoryError, MemoryError) as err:
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+            if not clocks.is_allocation_failure(err):
+                raise
             self._free()
-            text = str(err).splitlines()[0] if str(err) else type(err).__name__
-            return dict(common, status="oom", error=f"OOM: {text}")
+            return dict(common, status="oom", error=clocks.oom_message(err))
         latencies = result.pop("latencies_ms")
         summary = clocks.latency_summary(latencies)
         seconds = sum(latencies) / 1e3
@@ -270,12 +271,17 @@ class Bench:
         task = self.progress.add_task(f"quality: {name}" + (f" {capacity}" if capacity else ""), total=n - 1)
         started = time.perf_counter()
         try:
-            needed = kind.kv_bytes_needed(self, n, 1)
+            needed = kind.kv_bytes_needed(self, n, 1, capacity)
             if needed is not None:
                 ok, message = clocks.fits(needed, self.device)
                 if not ok:
                     return dict(identity, status="oom", error=message)
             nll, how = kind.nll(self, capacity, x, Tick(self.progress, task))
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+            if not clocks.is_allocation_failure(err):
+                raise
+            self._free()
+            return dict(identity, status="oom", error=clocks.oom_message(err))
         finally:
             self.progress.remove_task(task)
         how = {"sampled": False, "sample_size": None, **how}
