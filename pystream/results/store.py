@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._files import read_regular_file, write_atomic, write_text_atomic
-from .schema import ResultsError, check_version, record, record_key
+from .schema import ResultsError, check_version, record, record_key, validate_record
 
 __all__ = ["RESULTS", "META", "LOCK", "read_results", "read_meta", "Run", "load_run", "RunWriter", "ResultsWriteError",
            "write_atomic"]
@@ -41,6 +41,17 @@ LOCK = ".lock"
 # few KB (a quality record with 12k NLL values ~100 KB), so 1 GiB is ~10,000 records of the largest kind.
 MAX_RESULTS_BYTES = 1 << 30
 MAX_META_BYTES = 16 << 20
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text):
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def read_results(path: Path) -> tuple[list[dict], int]:
@@ -56,8 +67,8 @@ def read_results(path: Path) -> tuple[list[dict], int]:
                 valid += len(line) + 1
             continue
         try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            rec = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
             if last:  # the process was killed while writing this line: everything before it stands
                 break
             raise ResultsError(f"{path}:{number}: invalid JSON ({err.msg if hasattr(err, 'msg') else err})") from None
@@ -66,6 +77,7 @@ def read_results(path: Path) -> tuple[list[dict], int]:
         if not isinstance(rec, dict):
             raise ResultsError(f"{path}:{number}: a record must be a JSON object")
         check_version(rec, f"{path}:{number}")
+        validate_record(rec, f"{path}:{number}")
         records.append(rec)
         valid += len(line) + 1
     return records, valid
@@ -88,6 +100,10 @@ def read_meta(run_dir: Path) -> dict:
     if not isinstance(meta, dict):
         raise ResultsError(f"{path}: must hold a JSON object")
     check_version(meta, str(path))
+    for name, kind in (("config", dict), ("versions", dict), ("device", dict), ("model", dict), ("text", dict),
+                       ("command", str), ("started", str), ("git_commit", str), ("runs", int)):
+        if meta.get(name) is not None and (not isinstance(meta[name], kind) or isinstance(meta[name], bool)):
+            raise ResultsError(f"{path}: field {name!r} has the wrong type")
     return meta
 
 
