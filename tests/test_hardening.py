@@ -389,3 +389,26 @@ def test_a_perplexity_that_overflows_is_infinite_and_stored_as_null():
     assert perplexity(nll) == math.inf and sampled_perplexity(nll)[0] == math.inf
     stored = record("quality", **summarise(nll, sampled=False, bucket_tokens=2))
     assert stored["ppl"] is None and stored["buckets"][0]["ppl"] is None
+
+
+# ---- checkpoints: no empty folder left; a resumed cell says what its times cover (item 6) ----
+
+def test_stream_checkpoints_leave_no_folder_and_a_resumed_cell_says_so(tmp_path):
+    import numpy as np
+
+    from conftest import InterruptAfter, tiny_model
+    from pystream.measure.runner import Bench, BenchConfig
+
+    model = tiny_model("llama")
+    ids = np.arange(3, 120, dtype=np.int32)
+    cfg = BenchConfig(lengths=(200,), methods=("sink",), cache_sizes=(32,), mode="stream", steps=2, warmup=1,
+                      ppl_tokens=0, checkpoint_every_s=0.0)  # a checkpoint after every forward
+    with pytest.raises(KeyboardInterrupt):
+        Bench(cfg, model, ids, InterruptAfter(steps=100), run_dir=tmp_path).run_cell("sink", 32, 200, [])
+    assert list((tmp_path / "checkpoints").iterdir())  # the interrupted stream left its checkpoint
+    rec = Bench(cfg, model, ids, InterruptAfter(), run_dir=tmp_path).run_cell("sink", 32, 200, [])
+    assert rec["status"] == "ok" and rec["stream_position"] == 200
+    assert 0 < rec["resumed_from_token"] < 200  # wall_s / setup_s cover only the tokens after it
+    assert not (tmp_path / "checkpoints").exists()  # the checkpoint and its folder are gone
+    fresh = Bench(cfg, model, ids, InterruptAfter(), run_dir=tmp_path).run_cell("sink", 32, 200, [])
+    assert "resumed_from_token" not in fresh and not (tmp_path / "checkpoints").exists()

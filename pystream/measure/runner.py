@@ -98,6 +98,7 @@ class Bench:
         self.dtype = next(model.parameters()).dtype
         self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.profiling = False
+        self.resumed_from_token = 0  # where the current cell's stream resumed from a checkpoint (0: from the start)
 
     # ---- the plan ---------------------------------------------------------------------------------------------------
     def cells(self) -> list[tuple[str, int | None, int]]:
@@ -143,6 +144,7 @@ class Bench:
         if kind.rope_scaling:
             common["rope_scaling"] = {"type": kind.rope_scaling[0], "factor": kind.rope_scaling[1]}
         started = time.perf_counter()
+        self.resumed_from_token = 0
         needed = kind.kv_bytes_needed(self, length, self.cfg.batch, capacity)
         if needed is not None:
             ok, message = clocks.fits(needed, self.device)
@@ -167,6 +169,8 @@ class Bench:
             achieved_bandwidth_gb_s=(self.param_bytes + kv_read) / (summary["p50"] / 1e3) / 1e9,
             wall_s=time.perf_counter() - started, **memory, **result,
         )
+        if self.resumed_from_token:
+            rec["resumed_from_token"] = self.resumed_from_token
         self._add_speedup(rec, done)
         self._free()
         return rec
@@ -246,6 +250,8 @@ class Bench:
         if path is not None and path.exists():
             checkpoint.load(path, cache, self.device)
             start = cache.seen() if hasattr(cache, "seen") else cache.get_seq_length()
+            # the cell's wall_s / setup_s then time only tokens start..length-1: the record says so
+            self.resumed_from_token = start
         task = self.progress.add_task(f"{label}: streaming {length:,} tokens", total=length, completed=start)
         last_save = time.monotonic()
         try:
@@ -261,6 +267,10 @@ class Bench:
             self.progress.remove_task(task)
         if path is not None and path.exists():
             path.unlink()
+            try:  # the folder too, once no other stream's checkpoint is in it
+                path.parent.rmdir()
+            except OSError:
+                pass
 
     # ---- quality ----------------------------------------------------------------------------------------------------
     def run_quality(self, name: str, capacity: int | None) -> dict:
