@@ -147,7 +147,7 @@ class Bench:
         self.resumed_from_token = 0
         needed = kind.kv_bytes_needed(self, length, self.cfg.batch, capacity)
         if needed is not None:
-            ok, message = clocks.fits(needed, self.device, reserve_bytes=min(clocks.GIB, needed))  # small needs, small margin
+            ok, message = clocks.fits(needed, self.device, reserve_bytes=min(clocks.GIB, needed))
             if not ok:
                 return dict(common, status="oom", error=message, kv_bytes_needed=needed)
         try:
@@ -283,7 +283,7 @@ class Bench:
         try:
             needed = kind.kv_bytes_needed(self, n, 1, capacity)
             if needed is not None:
-                ok, message = clocks.fits(needed, self.device, reserve_bytes=min(clocks.GIB, needed))  # small needs, small margin
+                ok, message = clocks.fits(needed, self.device, reserve_bytes=min(clocks.GIB, needed))
                 if not ok:
                     return dict(identity, status="oom", error=message)
             nll, how = kind.nll(self, capacity, x, Tick(self.progress, task))

@@ -13,5 +13,5 @@ from .schema import SCHEMA, SCHEMA_VERSION, ResultsError, cache_label, peak_byte
 from .store import LOCK, META, RESULTS, ResultsWriteError, Run, RunWriter, load_run, read_meta, read_results
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "RESULTS", "META", "LOCK", "ResultsError", "record", "record_key",
-           "cache_label", "peak_bytes", "read_results", "read_meta", "Run", "load_run", "RunWriter", "ResultsWriteError",
-           "write_atomic"]
+           "cache_label", "peak_bytes", "read_results", "read_meta", "Run", "load_run", "RunWriter",
+           "ResultsWriteError", "write_atomic"]

@@ -122,7 +122,8 @@ def validate_record(rec: dict, where: str) -> None:
         for name in REQUIRED_OK.get(kind, ()):
             if rec.get(name) is None:
                 raise ResultsError(f"{where}: field {name!r} is missing from an ok {kind} record")
-    if kind == "cell" and isinstance(rec.get("latency_ms"), dict) and any(k not in rec["latency_ms"] for k in LATENCY_KEYS):
+    latency = rec.get("latency_ms")
+    if kind == "cell" and isinstance(latency, dict) and any(k not in latency for k in LATENCY_KEYS):
         raise ResultsError(f"{where}: field 'latency_ms' must have {', '.join(LATENCY_KEYS)}")
     if kind == "quality" and isinstance(rec.get("ppl_ci95"), list) and len(rec["ppl_ci95"]) != 2:
         raise ResultsError(f"{where}: field 'ppl_ci95' must be [low, high]")

@@ -126,7 +126,8 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 class ResultsWriteError(ResultsError):
-    """A record could not be written (a full disk, a file-size limit); the file was cut back to its last whole record."""
+    """A record could not be written (a full disk, a file-size limit); the file was cut back to its last whole
+    record."""
 
 
 def _write_all(fd: int, data: bytes) -> None:
