@@ -8,13 +8,16 @@ loading anything and returns an immutable `RunConfig`, and `run(config)` does th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +44,31 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit code 2."""
 
 
-def parse_size(text: str, what: str) -> int:
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
+# Upper bounds of every number on the command line, checked before anything is created. Far above any real run
+# (a stream of 2^40 tokens is ~400 years at 10k tokens/s) and small enough that no size overflows the int64
+# counters and tensors they become. Memory is checked per cell, against the device, before anything is allocated.
+MAX_TOKENS = 1 << 40  # --lengths, --ppl-tokens, --experiment-tokens, --cache-tokens, --stability-tokens
+MAX_CAPACITY = 1 << 24  # --cache-sizes, --ppl-cache, --experiment-cache, --sinks: 16M slots
+MAX_BOUNDS = {"sinks": MAX_CAPACITY, "steps": 1_000_000, "warmup": 1_000_000, "batch": 4096, "threads": 1024,
+              "ppl_tokens": MAX_TOKENS, "ppl_cache": MAX_CAPACITY, "recompute_samples": 1_000_000,
+              "profile_steps": 10_000, "seed": (1 << 63) - 1, "experiment_cache": MAX_CAPACITY}
+MAX_SCALING = 1024.0  # dense-pi:F and friends
+
+
+def parse_size(text: str, what: str, maximum: int = MAX_TOKENS) -> int:
+    match = re.fullmatch(r"\s*(\d{1,30})\s*([kKmM]?)\s*", text)  # 30 digits: int() never meets its digit limit
     if not match:
         raise UsageError(f"{what}: {text!r} is not a size (examples: 4096, 4k, 1M)")
     value = int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()]
     if value <= 0:
         raise UsageError(f"{what}: {text!r} must be positive")
+    if value > maximum:
+        raise UsageError(f"{what}: {text!r} is more than the {maximum:,} allowed")
     return value
+
+
+def parse_capacity(text: str, what: str) -> int:
+    return parse_size(text, what, MAX_CAPACITY)
 
 
 def parse_list(text: str, what: str, parse) -> list:
@@ -200,23 +220,23 @@ def validate(args, argv=None) -> RunConfig:
     from .measure.cells import METHODS, is_dense
 
     lengths = parse_list(args.lengths, "--lengths", parse_size)
-    cache_sizes = parse_list(args.cache_sizes, "--cache-sizes", parse_size)
+    cache_sizes = parse_list(args.cache_sizes, "--cache-sizes", parse_capacity)
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in METHODS and not is_dense(m)]
     if unknown or not args.methods.strip():
         raise UsageError(f"--methods: unknown method {unknown[0] if unknown else args.methods!r}; choose from "
                          f"{', '.join(METHODS)}, or dense-pi:F, dense-ntk:F, dense-yarn:F (RoPE scaled by F >= 1)")
     for m in methods:
-        if is_dense(m) and m != "dense" and float(m.split(":")[1]) < 1:
-            raise UsageError(f"--methods: {m}: the scaling factor must be >= 1")
+        if is_dense(m) and m != "dense" and not 1 <= float(m.split(":")[1]) <= MAX_SCALING:
+            raise UsageError(f"--methods: {m}: the scaling factor must be >= 1 and <= {MAX_SCALING:g}")
     methods = list(dict.fromkeys(methods))
     threads = args.threads if args.threads is not None else ((os.cpu_count() or 1) if args.experiment else 1)
-    experiment = _validate_experiment(args) if args.experiment else {}
-    for name in ("sinks", "steps", "warmup", "batch", "threads", "ppl_tokens", "recompute_samples", "profile_steps"):
-        minimum = 1 if name in ("steps", "batch", "threads", "recompute_samples", "profile_steps") else 0
+    for name, maximum in MAX_BOUNDS.items():
+        minimum = 1 if name in ("steps", "batch", "threads", "recompute_samples", "profile_steps", "ppl_cache") else 0
         value = threads if name == "threads" else getattr(args, name)
-        if value is not None and value < minimum:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+        if value is not None and not minimum <= value <= maximum:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum} and <= {maximum:,}, got {value}")
+    experiment = _validate_experiment(args) if args.experiment else {}
     if "sink" in methods:
         small = [c for c in cache_sizes if c <= args.sinks]
         if small:
@@ -252,7 +272,7 @@ def _validate_experiment(args) -> dict:
                          f"{', '.join(PARTS)}")
     values = {
         "parts": tuple(parts),
-        "experiment_tokens": parse_size(args.experiment_tokens, "--experiment-tokens"),
+        "experiment_tokens": parse_size(args.experiment_tokens, "--experiment-tokens"),  # bounded too
         "experiment_cache": args.experiment_cache,
         "cache_tokens": parse_size(args.cache_tokens, "--cache-tokens"),
         "stability_tokens": (parse_size(args.stability_tokens, "--stability-tokens")
@@ -381,9 +401,35 @@ def make_progress(console):
                     TextColumn("ETA"), PlanRemaining(), console=console)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, `docker stop`, `kill`): handled exactly as Ctrl-C, exit code 143 (128 + 15)."""
+
+
+EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_WRITE_FAILED = 130, 143, 1
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While running, SIGTERM raises `Terminated`, so that it ends the run like Ctrl-C: what is finished is saved and
+    the resume command is printed, instead of the process dying silently."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class saving_on_interrupt:
-    """Ctrl-C ends the run cleanly: the lock is released, what is finished is on disk, and the user is told how to
-    resume. The `with` value is a list that is non-empty after an interruption."""
+    """Ctrl-C or SIGTERM ends the run cleanly: the lock is released, what is finished is on disk, and the user is
+    told how to resume. So does a record that cannot be written (a full disk): the results file ends at its last
+    whole record. The `with` value is a list that holds the exit code after such an ending."""
 
     def __init__(self, writer, console, out: Path, argv):
         self.writer, self.console, self.out, self.argv = writer, console, out, argv
@@ -393,11 +439,21 @@ class saving_on_interrupt:
         return self.interrupted
 
     def __exit__(self, kind, value, traceback):
+        from .results import ResultsWriteError
+
         self.writer.close()
-        if kind is KeyboardInterrupt:
-            self.interrupted.append(True)
-            self.console.print(f"\n[yellow]interrupted[/yellow]: {len(self.writer.records)} finished record(s) are "
-                               f"saved in {self.out}. Resume with:\n  {resume_command(self.argv, self.out)}")
+        saved = f"{len(self.writer.records)} finished record(s) are saved in {self.out}"
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            terminated = issubclass(kind, Terminated)
+            self.interrupted.append(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+            self.console.print(f"\n[yellow]interrupted{' (SIGTERM)' if terminated else ''}[/yellow]: {saved}. "
+                               f"Resume with:\n  {resume_command(self.argv, self.out)}")
+            return True
+        if kind is not None and issubclass(kind, ResultsWriteError):
+            self.interrupted.append(EXIT_WRITE_FAILED)
+            # one line, as every error: what failed, what is safe, how to go on
+            print(f"pystream-bench: error: {value}; {saved}; free space, then resume with: "
+                  f"{resume_command(self.argv, self.out)}", file=sys.stderr)
             return True
         return False
 
@@ -428,7 +484,7 @@ def _run_experiment(config: RunConfig, loaded, ids, writer, console, out_console
     with saving_on_interrupt(writer, console, config.out, config.argv) as interrupted, progress:
         PaperExperiment(cfg, loaded.model, ids, writer, progress, config.device, config.out).run()
     if interrupted:
-        return 130
+        return interrupted[0]
     table = Table(title=f"the paper's findings on {loaded.name} (ours) beside the paper's", title_justify="left")
     for name in ("finding", "setting", "ours", "paper", "paper's setting"):
         table.add_column(name, justify="right" if name in ("ours", "paper") else "left")
@@ -472,7 +528,7 @@ def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console) -> 
             plan.finish(item, setup_s=rec.get("setup_s"), measured=rec.get("status") == "ok" and bool(item.parts))
             progress.advance(overall)
     if interrupted:
-        return 130
+        return interrupted[0]
     if skipped:
         console.print(f"resumed: {skipped} finished record(s) kept, not run again")
     print_summary(writer.records, out_console)
@@ -494,14 +550,16 @@ def write_final_report(out: Path, console) -> None:
 
 def main(argv=None) -> int:
     try:
-        config = validate(build_parser().parse_args(argv), argv)
-        return run(config)
+        with sigterm_as_interrupt():
+            config = validate(build_parser().parse_args(argv), argv)
+            return run(config)
     except UsageError as err:
         print(f"pystream-bench: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # while loading or tokenizing: nothing was written yet (cells handle their own)
-        print("pystream-bench: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # while loading or tokenizing: nothing was written yet (cells handle their own)
+        terminated = isinstance(err, Terminated)
+        print(f"pystream-bench: interrupted{' (SIGTERM)' if terminated else ''}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 def load_inputs(config: RunConfig, console):

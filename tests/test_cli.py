@@ -142,7 +142,7 @@ def test_bad_files(tiny_model_dir, text_file, tmp_path, capsys):
         (["--text", tmp_path / "missing.txt"], "missing.txt: no such file"),
         (["--text", not_utf8], "latin1.txt: not valid UTF-8 (byte 3 is 0xe9)"),
         (["--text", empty], "empty.txt: the file is empty"),
-        (["--text", tmp_path], "is a directory, not a text file"),
+        (["--text", tmp_path], "is a directory, not a file"),
         (["--model", tmp_path / "no-such-model"], "is not a local folder or file"),
         (["--model", "some-org/some-model-that-is-not-here"], "the hub is unreachable"),
         (["--model", a_file], "is a file, not a model folder"),

@@ -101,6 +101,19 @@ def _finish(model, dtype: torch.dtype, device: str, attn: str):
     return model
 
 
+def _check_regular_files(folder: Path) -> None:
+    """A FIFO or device among a model's files would block the loader forever: refuse it before loading."""
+    import stat
+
+    for entry in folder.iterdir():
+        try:
+            mode = entry.stat().st_mode  # follows links (the Hugging Face cache links to blobs)
+        except OSError as err:
+            raise ModelLoadError(f"{entry}: cannot be read ({err.strerror or err})") from None
+        if not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):
+            raise ModelLoadError(f"{entry} is not a regular file (a FIFO, socket or device); refusing to read it")
+
+
 def _load_folder(path: Path, dtype, device, attn, trust_remote_code):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,10 +134,15 @@ def _load_folder(path: Path, dtype, device, attn, trust_remote_code):
         if "trust_remote_code" in str(err):
             raise ModelLoadError(f"{path} needs code from the model to load; pass --trust-remote-code if you trust "
                                  "it") from None
-        raise ModelLoadError(f"could not load {path}: {str(err).splitlines()[0]}") from None
-    except (OSError, KeyError) as err:
-        raise ModelLoadError(f"could not load {path}: {str(err).splitlines()[0]}") from None
+        raise ModelLoadError(f"could not load {path}: {_first_line(err)}") from None
+    except Exception as err:  # safetensors, tokenizers, torch and config parsing raise many kinds; all mean "broken"
+        raise ModelLoadError(f"could not load {path}: {_first_line(err)}") from None
     return _finish(model, dtype, device, attn), tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def convert_gguf(gguf: Path, *, progress=None) -> tuple[Path, bool]:
@@ -201,6 +219,7 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: str | tor
             raise ModelLoadError(f"{spec} is a file, not a model folder or a .gguf file")
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{spec} is not a transformers model folder (no config.json)")
+        _check_regular_files(path)
         kind, source = "folder", str(path)
         model, tokenizer = _load_folder(path, torch_dtype, device, attn_implementation, trust_remote_code)
     else:
@@ -234,6 +253,6 @@ def _load_hub(repo_id, dtype, device, attn, trust_remote_code):
                 raise ModelLoadError(f"{repo_id} needs code from the model to load; pass --trust-remote-code if "
                                      "you trust it") from None
             last_error = str(err).splitlines()[0]
-        except OSError as err:
-            last_error = str(err).splitlines()[0]
+        except Exception as err:  # as for folders: any failure to load is this model's problem, in one line
+            last_error = _first_line(err)
     raise ModelLoadError(f"could not load model {repo_id!r}: {last_error}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .models import cache_dir, package_dir, package_relative
+from .._files import read_regular_file
 from .._files import write_atomic
 
 BUNDLED_TEXT = "kjv"
@@ -21,6 +22,10 @@ BUNDLED_TEXT = "kjv"
 
 class TextError(Exception):
     """The text could not be read; the message names the file and the problem."""
+
+
+# 1 GiB: ~250M tokens, far more than any stream needs (longer streams cycle the text); the bundled Bible is 4.3 MB
+MAX_TEXT_BYTES = 1 << 30
 
 
 @dataclass
@@ -47,14 +52,7 @@ def load_text(spec: str | None = None) -> Text:
         verses = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
         return Text(BUNDLED_TEXT, package_relative(path, _BUNDLED_PACKAGE), "\n".join(verses))
     path = Path(spec).expanduser()
-    if not path.exists():
-        raise TextError(f"{spec}: no such file")
-    if path.is_dir():
-        raise TextError(f"{spec}: is a directory, not a text file")
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise TextError(f"{spec}: cannot be read ({err.strerror})") from None
+    raw = read_regular_file(path, spec, MAX_TEXT_BYTES, TextError)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -43,9 +43,10 @@ class CellMethod:
     def mode(self, cfg) -> str:
         return cfg.mode
 
-    def kv_bytes_needed(self, bench, tokens: int, streams: int) -> int | None:
-        """Bytes of KV cache the method will allocate for `streams` streams of `tokens`, when it grows with them
-        (checked against free memory before anything is allocated)."""
+    def kv_bytes_needed(self, bench, tokens: int, streams: int, capacity: int | None = None) -> int | None:
+        """Bytes of KV cache (and the largest activations) the method will allocate for `streams` streams of
+        `tokens` at `capacity` (checked against free memory before anything is allocated; None: nothing that
+        grows with them)."""
         return None
 
     def context(self, bench):
@@ -70,6 +71,14 @@ class StreamingMethod(CellMethod):
 
     def sinks(self, cfg) -> int:
         return cfg.sinks if self.name == "sink" else 0
+
+    def kv_bytes_needed(self, bench, tokens, streams, capacity=None):
+        if capacity is None:
+            return None
+        # the ring's slots, and the logits of the one-chunk prefill of up to `capacity` tokens (float32)
+        chunk = min(tokens, capacity)
+        return streams * (capacity * clocks.kv_bytes_per_token(bench.config, bench.dtype)
+                          + chunk * bench.config.vocab_size * 4)
 
     def build(self, bench, capacity: int, **kwargs):
         return streaming_cache(capacity, self.sinks(bench.cfg), bench.config, device=bench.device, **kwargs)
@@ -140,7 +149,7 @@ class DenseMethod(CellMethod):
     def __init__(self, name: str = "dense", rope_scaling: tuple[str, float] | None = None):
         self.name, self.rope_scaling = name, rope_scaling
 
-    def kv_bytes_needed(self, bench, tokens, streams):
+    def kv_bytes_needed(self, bench, tokens, streams, capacity=None):
         return tokens * clocks.kv_bytes_per_token(bench.config, bench.dtype) * streams
 
     def context(self, bench):

@@ -117,6 +117,25 @@ def fits(needed_bytes: int, device, *, headroom: float = 0.15, reserve_bytes: in
     return ok, f"OOM: needs {needed_bytes / GIB:.1f} GiB, {available / GIB:.1f} GiB available"
 
 
+# What allocators say when they fail: torch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't
+# allocate memory"), CUDA's torch.OutOfMemoryError, Python MemoryError. All mean the same for a cell: it did not fit.
+_ALLOCATION_FAILURE = ("can't allocate memory", "out of memory", "cannot allocate memory", "not enough memory")
+
+
+def is_allocation_failure(err: BaseException) -> bool:
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and any(s in str(err).lower() for s in _ALLOCATION_FAILURE)
+
+
+def oom_message(err: BaseException) -> str:
+    """The `error` of an oom record: the allocator's own words, one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = next((line for line in lines if any(s in line.lower() for s in _ALLOCATION_FAILURE)),
+                lines[0] if lines else type(err).__name__)
+    return f"OOM: {text[:300]}"
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as handle:

@@ -86,9 +86,18 @@ def stream_batch_nll_step(model, batch: StreamBatch, token: torch.Tensor, next_t
     return _token_nll(logits, next_token.view(1).expand(rows)).cpu().numpy()
 
 
+def _exp(x: float) -> float:
+    """exp that overflows to infinity instead of raising: a model can be that wrong (a perplexity past ~1e308 is
+    stored as null in JSON, which the report and summaries show as infinite)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def perplexity(nll: np.ndarray) -> float:
     values = nll[~np.isnan(nll)]
-    return float(math.exp(values.mean())) if values.size else float("nan")
+    return float(_exp(values.mean())) if values.size else float("nan")
 
 
 def sampled_perplexity(nll: np.ndarray) -> tuple[float, float, float]:
@@ -98,7 +107,7 @@ def sampled_perplexity(nll: np.ndarray) -> tuple[float, float, float]:
         return float("nan"), float("nan"), float("nan")
     mean = values.mean()
     half = 1.96 * values.std(ddof=1) / math.sqrt(values.size)
-    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+    return _exp(mean), _exp(mean - half), _exp(mean + half)
 
 
 def summarise(nll: np.ndarray, *, sampled: bool, bucket_tokens: int) -> dict:

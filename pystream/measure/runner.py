@@ -98,6 +98,7 @@ class Bench:
         self.dtype = next(model.parameters()).dtype
         self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.profiling = False
+        self.resumed_from_token = 0  # where the current cell's stream resumed from a checkpoint (0: from the start)
 
     # ---- the plan ---------------------------------------------------------------------------------------------------
     def cells(self) -> list[tuple[str, int | None, int]]:
@@ -143,18 +144,20 @@ class Bench:
         if kind.rope_scaling:
             common["rope_scaling"] = {"type": kind.rope_scaling[0], "factor": kind.rope_scaling[1]}
         started = time.perf_counter()
-        needed = kind.kv_bytes_needed(self, length, self.cfg.batch)
+        self.resumed_from_token = 0
+        needed = kind.kv_bytes_needed(self, length, self.cfg.batch, capacity)
         if needed is not None:
-            ok, message = clocks.fits(needed, self.device)
+            ok, message = clocks.fits(needed, self.device, reserve_bytes=min(clocks.GIB, needed))
             if not ok:
                 return dict(common, status="oom", error=message, kv_bytes_needed=needed)
         try:
             with clocks.peak_memory(self.device) as memory, kind.context(self):
                 result = kind.time_cell(self, capacity, length)
-        except (torch.OutOfMemoryError, MemoryError) as err:
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+            if not clocks.is_allocation_failure(err):
+                raise
             self._free()
-            text = str(err).splitlines()[0] if str(err) else type(err).__name__
-            return dict(common, status="oom", error=f"OOM: {text}")
+            return dict(common, status="oom", error=clocks.oom_message(err))
         latencies = result.pop("latencies_ms")
         summary = clocks.latency_summary(latencies)
         seconds = sum(latencies) / 1e3
@@ -166,6 +169,8 @@ class Bench:
             achieved_bandwidth_gb_s=(self.param_bytes + kv_read) / (summary["p50"] / 1e3) / 1e9,
             wall_s=time.perf_counter() - started, **memory, **result,
         )
+        if self.resumed_from_token:
+            rec["resumed_from_token"] = self.resumed_from_token
         self._add_speedup(rec, done)
         self._free()
         return rec
@@ -245,6 +250,8 @@ class Bench:
         if path is not None and path.exists():
             checkpoint.load(path, cache, self.device)
             start = cache.seen() if hasattr(cache, "seen") else cache.get_seq_length()
+            # the cell's wall_s / setup_s then time only tokens start..length-1: the record says so
+            self.resumed_from_token = start
         task = self.progress.add_task(f"{label}: streaming {length:,} tokens", total=length, completed=start)
         last_save = time.monotonic()
         try:
@@ -260,6 +267,10 @@ class Bench:
             self.progress.remove_task(task)
         if path is not None and path.exists():
             path.unlink()
+            try:  # the folder too, once no other stream's checkpoint is in it
+                path.parent.rmdir()
+            except OSError:
+                pass
 
     # ---- quality ----------------------------------------------------------------------------------------------------
     def run_quality(self, name: str, capacity: int | None) -> dict:
@@ -270,12 +281,17 @@ class Bench:
         task = self.progress.add_task(f"quality: {name}" + (f" {capacity}" if capacity else ""), total=n - 1)
         started = time.perf_counter()
         try:
-            needed = kind.kv_bytes_needed(self, n, 1)
+            needed = kind.kv_bytes_needed(self, n, 1, capacity)
             if needed is not None:
-                ok, message = clocks.fits(needed, self.device)
+                ok, message = clocks.fits(needed, self.device, reserve_bytes=min(clocks.GIB, needed))
                 if not ok:
                     return dict(identity, status="oom", error=message)
             nll, how = kind.nll(self, capacity, x, Tick(self.progress, task))
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+            if not clocks.is_allocation_failure(err):
+                raise
+            self._free()
+            return dict(identity, status="oom", error=clocks.oom_message(err))
         finally:
             self.progress.remove_task(task)
         how = {"sampled": False, "sample_size": None, **how}

@@ -310,7 +310,9 @@ def fig_kv_vs_length(runs):
 
 def _quality(run: Run, experiment: str | None = None):
     """Quality records: the bench's own (experiment None) and the paper experiment's ppl part, or one part."""
-    recs = [r for r in run.records if r.get("record") == "quality" and r.get("status") == "ok"]
+    # a perplexity too large to store is null (JSON has no infinity): the tables say so; a log axis cannot draw it
+    recs = [r for r in run.records if r.get("record") == "quality" and r.get("status") == "ok"
+            and r.get("ppl") is not None]
     if experiment is None:
         return [r for r in recs if not r.get("experiments") or "ppl" in r["experiments"]]
     return [r for r in recs if experiment in (r.get("experiments") or [])]
@@ -400,8 +402,9 @@ def fig_ppl_bars(runs):
             continue
         names = [series_name(r) for r in recs]
         ppl = [r["ppl"] for r in recs]
-        upper = [(r["ppl_ci95"][1] - r["ppl"]) if r.get("ppl_ci95") else 0 for r in recs]
-        lower = [(r["ppl"] - r["ppl_ci95"][0]) if r.get("ppl_ci95") else 0 for r in recs]
+        whole = [r.get("ppl_ci95") if r.get("ppl_ci95") and None not in r["ppl_ci95"] else None for r in recs]
+        upper = [(ci[1] - r["ppl"]) if ci else 0 for ci, r in zip(whole, recs)]
+        lower = [(r["ppl"] - ci[0]) if ci else 0 for ci, r in zip(whole, recs)]
         fig.add_trace(go.Bar(
             x=[esc(n) for n in names], y=ppl, name=esc(label) if len(runs) > 1 else "PPL", meta={"y": "quality.ppl"},
             marker=dict(color=[styles.color(r["method"]) for r in recs], pattern_shape=styles.pattern(label)),
@@ -595,6 +598,11 @@ def _num(value, spec="{:,.2f}"):
     return "–" if value is None else spec.format(value)
 
 
+def _ppl(value) -> str:
+    """A perplexity of a finished quality record: null means it overflowed (stored as null, JSON has no infinity)."""
+    return "∞ (overflowed)" if value is None else f"{value:.3f}"
+
+
 def cells_table(runs) -> str:
     cells = _all_cells(runs)
     per = latency_unit(cells)
@@ -646,10 +654,10 @@ def quality_table(runs) -> str:
                             f"<td>{esc(cache_label(q))}</td><td colspan='4'>{esc(q.get('error'))}</td></tr>")
                 continue
             ci = q.get("ppl_ci95")
-            interval = f"{ci[0]:.3f} – {ci[1]:.3f}" if ci else "–"
+            interval = f"{_ppl(ci[0])} – {_ppl(ci[1])}" if ci else "–"
             note = f"sampled at {q.get('sample_size')} positions" if q.get("sampled") else "every token"
             rows.append(f"<tr><td>{esc(label)}</td><td>{esc(q['method'])}</td><td>{esc(cache_label(q))}</td>"
-                        f"<td>{q['tokens']:,}</td><td>{_num(q['ppl'], '{:.3f}')}</td>"
+                        f"<td>{q['tokens']:,}</td><td>{esc(_ppl(q['ppl']))}</td>"
                         f"<td>{esc(interval)}</td><td>{esc(note)}</td></tr>")
     if not rows:
         return ""

@@ -8,7 +8,9 @@ from ..inputs.paper import PAPER
 
 def paper_table(records: list[dict]) -> list[dict]:
     """Rows of ours beside the paper's: {"finding", "setting", "ours", "paper"}."""
-    quality = [r for r in records if r.get("record") == "quality" and r.get("status") == "ok"]
+    # a perplexity stored as null overflowed (JSON has no infinity): it is left out, like a finding not measured
+    quality = [r for r in records if r.get("record") == "quality" and r.get("status") == "ok"
+               and r.get("ppl") is not None]
 
     def find(method, experiment, sinks=None, cache=None):
         for r in quality:

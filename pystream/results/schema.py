@@ -59,3 +59,81 @@ def check_version(rec: dict, where: str) -> None:
 def peak_bytes(rec: dict) -> int | None:
     """A cell's peak memory: torch's max allocated on a GPU, the process's peak RSS on the CPU."""
     return rec.get("cuda_max_allocated_bytes") or rec.get("peak_rss_bytes")
+
+
+# ---- validation: what the reader checks of every record, so that the report never meets a wrong type ----
+# A field's type: "int", "num" (int or float), "str", "bool", "dict", "list", a tuple of allowed types, a
+# ("list", item) or ("dict", value) for containers; "?" in front: null is allowed. Unknown fields (added later
+# within a version) and unknown record kinds pass with the common checks.
+_INT_LIMIT = 1 << 63
+_LATENCY = ("dict", "num")
+COMMON_FIELDS = {"method": "?str", "cache_size": "?int", "sinks": "?int", "length": "?int", "mode": "?str",
+                 "status": "?str", "error": "?str"}
+RECORD_FIELDS = {
+    "cell": {"window": "?int", "batch": "?int", "dtype": "?str", "device": "?str", "latency_ms": ("?", _LATENCY),
+             "timed_steps": "?int", "warmup_steps": "?int", "tokens_per_s": "?num", "peak_rss_bytes": "?int",
+             "peak_rss_exact": "?bool", "cuda_max_allocated_bytes": "?int", "cuda_max_reserved_bytes": "?int",
+             "kv_bytes": "?int", "kv_bytes_needed": "?int", "achieved_bandwidth_gb_s": "?num",
+             "speedup_vs_recompute": ("?", "num", ("dict", "?num")), "setup_s": "?num", "wall_s": "?num",
+             "stream_position": "?int", "evicted": "?int", "frame_base": "?int", "text_cycled": "?bool",
+             "profile": "?dict", "rope_scaling": "?dict", "resumed_from_token": "?int"},
+    "quality": {"tokens": "?int", "ppl": "?num", "ppl_ci95": ("?", ("list", "?num")), "sampled": "?bool",
+                "sample_size": "?int", "buckets": ("?", ("list", ("dict", None))), "nll": ("?", ("list", "?num")),
+                "pretraining_length": "?int", "rope_scaling": "?dict", "experiments": ("?", ("list", "str")),
+                "wall_s": "?num"},
+    "attention": {"tokens": "?int", "share_first_token": ("?", ("list", ("list", "?num"))), "maps": "?dict"},
+}
+BUCKET_FIELDS = {"start": "int", "end": "int", "tokens": "int", "ppl": "?num"}
+# what an `ok` record must have, for the tables and figures that read it
+REQUIRED_OK = {"cell": ("method", "length", "latency_ms", "tokens_per_s"),
+               "quality": ("method", "tokens", "buckets", "nll")}
+LATENCY_KEYS = ("p50", "p90", "p99", "mean", "min", "max")
+
+
+def _type_ok(value, spec) -> bool:
+    if spec is None:
+        return True
+    if isinstance(spec, str) and spec.startswith("?"):
+        return value is None or _type_ok(value, spec[1:])
+    if isinstance(spec, tuple) and spec and spec[0] == "?":
+        return value is None or any(_type_ok(value, s) for s in spec[1:])
+    if isinstance(spec, tuple) and spec[0] in ("list", "dict") and len(spec) == 2:
+        if spec[0] == "list":
+            return isinstance(value, list) and all(_type_ok(v, spec[1]) for v in value)
+        return isinstance(value, dict) and all(_type_ok(v, spec[1]) for v in value.values())
+    if spec == "int":
+        return isinstance(value, int) and not isinstance(value, bool) and -_INT_LIMIT < value < _INT_LIMIT
+    if spec == "num":
+        return ((isinstance(value, int) and not isinstance(value, bool) and -_INT_LIMIT < value < _INT_LIMIT)
+                or (isinstance(value, float) and math.isfinite(value)))
+    return isinstance(value, {"str": str, "bool": bool, "dict": dict, "list": list}[spec])
+
+
+def validate_record(rec: dict, where: str) -> None:
+    """Refuse a record whose fields have the wrong type, naming the field: ResultsError("FILE:LINE: field ...")."""
+    kind = rec.get("record")
+    if not isinstance(kind, str):
+        raise ResultsError(f"{where}: field 'record' must be a string")
+    fields = {**COMMON_FIELDS, **RECORD_FIELDS.get(kind, {})}
+    for name, spec in fields.items():
+        if name in rec and not _type_ok(rec[name], spec):
+            raise ResultsError(f"{where}: field {name!r} has the wrong type or value ({_show(rec[name])})")
+    if rec.get("status") == "ok":
+        for name in REQUIRED_OK.get(kind, ()):
+            if rec.get(name) is None:
+                raise ResultsError(f"{where}: field {name!r} is missing from an ok {kind} record")
+    latency = rec.get("latency_ms")
+    if kind == "cell" and isinstance(latency, dict) and any(k not in latency for k in LATENCY_KEYS):
+        raise ResultsError(f"{where}: field 'latency_ms' must have {', '.join(LATENCY_KEYS)}")
+    if kind == "quality" and isinstance(rec.get("ppl_ci95"), list) and len(rec["ppl_ci95"]) != 2:
+        raise ResultsError(f"{where}: field 'ppl_ci95' must be [low, high]")
+    buckets = rec.get("buckets") if kind == "quality" else None  # typed (a list of objects) above
+    for bucket in buckets or []:
+        for name, spec in BUCKET_FIELDS.items():
+            if not _type_ok(bucket.get(name), spec):
+                raise ResultsError(f"{where}: field 'buckets.{name}' has the wrong type or value")
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

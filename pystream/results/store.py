@@ -12,8 +12,11 @@ Schema (`schema_version` 1), every record has `schema`, `schema_version` and `re
   record "quality"  per-token NLL of one method over the first tokens of the text: ppl, buckets, nll series
 See README.md ("Results files") for every field.
 
-A record is written with one `write` of one line, flushed and fsync'ed: a run killed at any moment loses at most
-the record being measured. A torn last line (killed mid-write) is ignored on reading and dropped on resume.
+A record is one line, written completely (`os.write` is repeated until every byte is out) and fsync'ed: a run
+killed at any moment loses at most the record being measured. A torn last line (killed mid-write) is ignored on
+reading and dropped on resume. A write that fails (a full disk, a file-size limit) is cut back to the last whole
+record and raised as `ResultsWriteError`, so the file always ends on a record boundary and the next append, once
+space is back, starts on one.
 """
 
 from __future__ import annotations
@@ -25,25 +28,36 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._files import write_atomic, write_text_atomic
-from .schema import ResultsError, check_version, record, record_key
+from .._files import read_regular_file, write_atomic, write_text_atomic
+from .schema import ResultsError, check_version, record, record_key, validate_record
 
-__all__ = ["RESULTS", "META", "LOCK", "read_results", "read_meta", "Run", "load_run", "RunWriter", "write_atomic"]
+__all__ = ["RESULTS", "META", "LOCK", "read_results", "read_meta", "Run", "load_run", "RunWriter", "ResultsWriteError",
+           "write_atomic"]
 
 RESULTS = "results.jsonl"
 META = "run.json"
 LOCK = ".lock"
+# Read at most this much (regular files only: a FIFO in their place would block the reader forever). A record is a
+# few KB (a quality record with 12k NLL values ~100 KB), so 1 GiB is ~10,000 records of the largest kind.
+MAX_RESULTS_BYTES = 1 << 30
+MAX_META_BYTES = 16 << 20
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text):
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def read_results(path: Path) -> tuple[list[dict], int]:
     """Records of a results file, and the byte length of its valid part (a torn last line is left out).
     Any other damage is a ResultsError naming the file and the line."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ResultsError(f"{path}: is a directory, not a results file") from None
+    data = read_regular_file(path, str(path), MAX_RESULTS_BYTES, ResultsError)
     records, valid = [], 0
     lines = data.split(b"\n")
     for number, line in enumerate(lines, start=1):
@@ -53,8 +67,8 @@ def read_results(path: Path) -> tuple[list[dict], int]:
                 valid += len(line) + 1
             continue
         try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            rec = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
             if last:  # the process was killed while writing this line: everything before it stands
                 break
             raise ResultsError(f"{path}:{number}: invalid JSON ({err.msg if hasattr(err, 'msg') else err})") from None
@@ -63,6 +77,7 @@ def read_results(path: Path) -> tuple[list[dict], int]:
         if not isinstance(rec, dict):
             raise ResultsError(f"{path}:{number}: a record must be a JSON object")
         check_version(rec, f"{path}:{number}")
+        validate_record(rec, f"{path}:{number}")
         records.append(rec)
         valid += len(line) + 1
     return records, valid
@@ -71,16 +86,24 @@ def read_results(path: Path) -> tuple[list[dict], int]:
 def read_meta(run_dir: Path) -> dict:
     path = run_dir / META
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        os.stat(path)
     except FileNotFoundError:
         raise ResultsError(f"{run_dir}: not a pystream run directory (no {META})") from None
     except NotADirectoryError:
         raise ResultsError(f"{run_dir}: not a directory") from None
+    except OSError as err:
+        raise ResultsError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        meta = json.loads(read_regular_file(path, str(path), MAX_META_BYTES, ResultsError).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ResultsError(f"{path}: invalid JSON ({err})") from None
     if not isinstance(meta, dict):
         raise ResultsError(f"{path}: must hold a JSON object")
     check_version(meta, str(path))
+    for name, kind in (("config", dict), ("versions", dict), ("device", dict), ("model", dict), ("text", dict),
+                       ("command", str), ("started", str), ("git_commit", str), ("runs", int)):
+        if meta.get(name) is not None and (not isinstance(meta[name], kind) or isinstance(meta[name], bool)):
+            raise ResultsError(f"{path}: field {name!r} has the wrong type")
     return meta
 
 
@@ -102,6 +125,22 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(run_dir, meta, records)
 
 
+class ResultsWriteError(ResultsError):
+    """A record could not be written (a full disk, a file-size limit); the file was cut back to its last whole
+    record."""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """`os.write` may write fewer bytes than asked (a disk filling up, a file-size limit): repeat until all are out;
+    a write that makes no progress raises."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(28, "No space left on device (a write made no progress)")
+        view = view[written:]
+
+
 class RunWriter:
     """Appends records to a run directory it holds locked."""
 
@@ -109,6 +148,14 @@ class RunWriter:
         self.path = run_dir
         self._lock_file = None
         self.records: list[dict] = []
+        self._end = 0  # bytes of results.jsonl that are whole records: where the next record starts
+        try:
+            self._open(meta, resume)
+        except OSError as err:  # a full disk or a read-only file while writing run.json or truncating
+            self.close()
+            raise ResultsError(f"{self.path}: cannot write the run directory ({err.strerror or err})") from None
+
+    def _open(self, meta: dict, resume: bool) -> None:
         if resume:
             self._open_existing(meta)
         else:
@@ -168,6 +215,7 @@ class RunWriter:
             with open(results, "r+b") as handle:  # drop a torn last line before appending
                 handle.truncate(valid)
         self.records = records
+        self._end = valid
         meta = dict(meta, resumed_from=old.get("started"), runs=old.get("runs", 1) + 1)
         write_text_atomic(self.path / META, json.dumps(meta, indent=2) + "\n")
 
@@ -185,12 +233,29 @@ class RunWriter:
         record; returns the record."""
         rec = record(measured["record"], **{k: v for k, v in measured.items() if k != "record"})
         line = (json.dumps(rec, separators=(",", ":")) + "\n").encode("utf-8")
-        fd = os.open(self.path / RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        path = self.path / RESULTS
         try:
-            os.write(fd, line)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ResultsWriteError(f"{path}: cannot open for writing ({err.strerror or err})") from None
+        try:
+            if os.fstat(fd).st_size != self._end:  # a cut record left by an earlier failure that could not be undone
+                os.ftruncate(fd, self._end)
+            _write_all(fd, line)
             os.fsync(fd)
+        except BaseException as err:  # a failed write, or Ctrl-C / SIGTERM in the middle of one
+            # cut back to the last whole record, so that the file stays readable and a later append (space back)
+            # does not glue its record onto a fragment; if even that fails, the next append tries again
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._end)
+                os.fsync(fd)
+            if not isinstance(err, OSError):
+                raise
+            raise ResultsWriteError(f"{path}: cannot write a record ({err.strerror or err}); the file ends at its last "
+                                    "whole record") from None
         finally:
             os.close(fd)
+        self._end += len(line)
         self.records.append(rec)
         return rec
 

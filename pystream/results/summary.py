@@ -14,6 +14,11 @@ def _fmt(value, spec="{:,.1f}"):
     return "-" if value is None else spec.format(value)
 
 
+def _ppl(value) -> str:
+    """A finished record's perplexity; null is one that overflowed (JSON has no infinity)."""
+    return "inf (overflowed)" if value is None else f"{value:.3f}"
+
+
 def latency_unit(cells: list[dict]) -> str:
     """What one latency sample times: a decode step produces one token per stream, so with batch 1 it is the time
     per token and with a larger batch it is the time per step (batch tokens)."""
@@ -73,8 +78,8 @@ def quality_table(records: list[dict]) -> Table:
             continue
         ci = rec.get("ppl_ci95")
         note = f"sampled at {rec['sample_size']} positions" if rec.get("sampled") else "every token"
-        table.add_row(rec["method"], cache, f"{rec['tokens']:,}", _fmt(rec["ppl"], "{:.3f}"),
-                      f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-", note)
+        table.add_row(rec["method"], cache, f"{rec['tokens']:,}", _ppl(rec["ppl"]),
+                      f"{_ppl(ci[0])}-{_ppl(ci[1])}" if ci else "-", note)
     return table
 
 
