@@ -412,3 +412,21 @@ def test_stream_checkpoints_leave_no_folder_and_a_resumed_cell_says_so(tmp_path)
     assert not (tmp_path / "checkpoints").exists()  # the checkpoint and its folder are gone
     fresh = Bench(cfg, model, ids, InterruptAfter(), run_dir=tmp_path).run_cell("sink", 32, 200, [])
     assert "resumed_from_token" not in fresh and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_cache_ablation_record_without_a_capacity_does_not_crash_the_report(tmp_path):
+    """A record the reader accepts (cache_size may be null) must render: the cache-size figure skips it."""
+    import json
+
+    from pystream.report import main as report_main
+    from pystream.results import RESULTS, record
+    from pystream.results.store import META
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / META).write_text(json.dumps({"schema": "pystream.results", "schema_version": 1}))
+    recs = [record("quality", method="sink", cache_size=size, sinks=4, tokens=64, status="ok", ppl=5.0 + i,
+                   experiments=["cache"], buckets=[], nll=[]) for i, size in enumerate((None, 256, 512))]
+    (run / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert report_main([str(run), "-o", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").exists()

@@ -16,6 +16,7 @@ killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -114,6 +115,8 @@ class PaperExperiment:
             for path in folder.iterdir():
                 path.unlink()
             folder.rmdir()
+            with contextlib.suppress(OSError):  # the last stream's checkpoints/ goes too, as in pystream-bench runs
+                folder.parent.rmdir()
         return nll
 
     # ---- parts -----------------------------------------------------------------------------------------------------

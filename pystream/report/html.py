@@ -454,7 +454,8 @@ def fig_cache_sizes(runs):
     fig = go.Figure()
     sizes = set()
     for label, run in runs:
-        recs = sorted(_quality(run, "cache"), key=lambda r: r["cache_size"])
+        recs = sorted((r for r in _quality(run, "cache") if r.get("cache_size") is not None),
+                      key=lambda r: r["cache_size"])
         if not recs:
             continue
         sizes.update(r["cache_size"] for r in recs)

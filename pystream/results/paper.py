@@ -9,8 +9,9 @@ from ..inputs.paper import PAPER
 def paper_table(records: list[dict]) -> list[dict]:
     """Rows of ours beside the paper's: {"finding", "setting", "ours", "paper"}."""
     # a perplexity stored as null overflowed (JSON has no infinity): it is left out, like a finding not measured
+    # and every finding but dense's is at a capacity: a record without one (valid to the reader) is not a finding
     quality = [r for r in records if r.get("record") == "quality" and r.get("status") == "ok"
-               and r.get("ppl") is not None]
+               and r.get("ppl") is not None and (r.get("cache_size") is not None or r.get("method") == "dense")]
 
     def find(method, experiment, sinks=None, cache=None):
         for r in quality:
