@@ -161,12 +161,29 @@ def test_a_worker_killed_mid_cell_is_retried_and_recorded_once(tiny_model_dir, t
     out, marker = tmp_path / "run", tmp_path / "killed-once"
     args = sweep_args(tiny_model_dir, text_file, out, "--methods", "sink,window", "--ppl-tokens", "0", "--ray",
                       "local", "--ray-cpus", "2")
-    result = bench(args, env={"PYSTREAM_TEST_KILL_WORKER_ONCE": str(marker)})
+    result = bench(args, env={"PYSTREAM_TEST_KILL_WORKER": str(marker)})
     assert result.returncode == 0, result.stderr[-4000:]
-    assert marker.exists()  # a worker did die mid-task
+    assert Path(f"{marker}.0").exists()  # a worker did die mid-task
     records = read_records(out)
     assert len(records) == 2 * 2 * 2 and len(set(map(key, records))) == len(records)
     assert all(r["status"] == "ok" for r in records)  # the killed cell was run again; none became an error
+
+
+@cluster_test
+def test_a_task_failing_for_good_is_an_error_record_and_the_run_goes_on(tiny_model_dir, text_file, tmp_path):
+    from pystream.measure.cluster import MAX_RETRIES
+
+    out, marker = tmp_path / "run", tmp_path / "killed"
+    args = sweep_args(tiny_model_dir, text_file, out, "--methods", "sink,window", "--ppl-tokens", "0",
+                      "--lengths", "100", "--ray", "local", "--ray-cpus", "2")
+    # every attempt of the window cells dies: 1 + MAX_RETRIES attempts each, two cells
+    result = bench(args, env={"PYSTREAM_TEST_KILL_WORKER": f"{marker}:{2 * (1 + MAX_RETRIES)}:window"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = read_records(out)
+    assert len(records) == 4 and len(set(map(key, records))) == 4
+    status = {(r["method"], r["cache_size"]): r["status"] for r in records}
+    assert status == {("sink", 16): "ok", ("sink", 32): "ok", ("window", 16): "error", ("window", 32): "error"}
+    assert all("Worker" in r["error"] for r in records if r["status"] == "error"), records
 
 
 @cluster_test

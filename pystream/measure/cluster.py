@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_RETRIES = 2  # a worker that dies while running a task: Ray runs the task again, at most this many times
-# Test hook: a path; the first task that can create this file (O_EXCL, so exactly one across the cluster) kills its
-# worker process, as a crashed or OOM-killed worker would die.
-KILL_ONCE_ENV = "PYSTREAM_TEST_KILL_WORKER_ONCE"
+# Test hook, "MARKER[:TIMES[:METHOD]]": the first TIMES attempts (default 1) of tasks (of METHOD, when given) kill
+# their worker process mid-task, as a crashed or OOM-killed worker would die; attempt i claims the file MARKER.i
+# (O_EXCL: exactly once across the cluster).
+KILL_ENV = "PYSTREAM_TEST_KILL_WORKER"
 
 
 class ClusterError(Exception):
@@ -192,15 +193,20 @@ def where(spec: LoadSpec) -> dict:
             "threads": spec.threads, "pid": os.getpid()}
 
 
-def _kill_once_hook() -> None:
-    marker = os.environ.get(KILL_ONCE_ENV)
-    if not marker:
+def _kill_hook(items) -> None:
+    setting = os.environ.get(KILL_ENV)
+    if not setting:
         return
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
+    marker, _, rest = setting.partition(":")
+    times, _, method = rest.partition(":")
+    if method and items[0][1] != method:
         return
-    os._exit(1)  # the worker process dies mid-task, as if killed
+    for attempt in range(int(times or 1)):
+        try:
+            os.close(os.open(f"{marker}.{attempt}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        os._exit(1)  # the worker process dies mid-task, as if killed
 
 
 def run_items(spec: LoadSpec, cfg, items: list[tuple], done: list[dict], tracker=None, key=None) -> list[dict]:
@@ -213,7 +219,7 @@ def run_items(spec: LoadSpec, cfg, items: list[tuple], done: list[dict], tracker
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     bench = _bench(spec, cfg)
-    _kill_once_hook()
+    _kill_hook(items)
     ran_on = where(spec)
     out = []
     for item in items:
