@@ -173,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "forward, cache update, C++ bookkeeping, re-rotation, logits) in the results and a trace "
                           "for Perfetto or chrome://tracing in RUN_DIR/traces/")
     run.add_argument("--profile-steps", type=int, default=8, help="profiled steps per cell (default 8)")
+    cluster = p.add_argument_group("on a Ray cluster (pip install \"pystream[ray]\"; README: Running on a cluster)")
+    cluster.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                         help="run each cell and quality pass as a Ray task: HEAD:PORT joins that cluster, local "
+                              "starts one on this machine, no value joins the one `ray start` runs here; --model and "
+                              "--text must exist on every node")
+    cluster.add_argument("--ray-cpus", type=int, default=None,
+                         help="--ray local: CPUs of the local cluster (default: this machine's)")
+    cluster.add_argument("--ray-gpus", type=int, default=None,
+                         help="--ray local: GPUs of the local cluster (default: this machine's)")
     return p
 
 
@@ -210,6 +219,9 @@ class RunConfig:
     experiment_cache: int | None = None
     cache_tokens: int | None = None
     stability_tokens: int | None = None
+    ray: str | None = None  # --ray: "local" or the cluster's HEAD:PORT, resolved; None runs here, one cell at a time
+    ray_cpus: int | None = None
+    ray_gpus: int | None = None
     argv: tuple[str, ...] | None = None  # the command line as given (None: sys.argv), for run.json and resuming
 
 
@@ -250,6 +262,7 @@ def validate(args, argv=None) -> RunConfig:
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (this torch build: "
                          f"{torch.__version__}); use --device cpu")
+    ray = _validate_ray(args)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     check_out_dir(out, args.resume)
     return RunConfig(
@@ -258,8 +271,29 @@ def validate(args, argv=None) -> RunConfig:
         ppl_cache=args.ppl_cache, recompute_ppl=args.recompute_ppl, recompute_samples=args.recompute_samples,
         model=args.model, text=args.text, trust_remote_code=args.trust_remote_code, device=device,
         dtype=args.dtype, threads=threads, seed=args.seed, out=out, resume=args.resume, report=not args.no_report,
-        profile=args.profile, profile_steps=args.profile_steps, experiment=args.experiment,
-        argv=None if argv is None else tuple(str(a) for a in argv), **experiment)
+        profile=args.profile, profile_steps=args.profile_steps, experiment=args.experiment, ray=ray,
+        ray_cpus=args.ray_cpus, ray_gpus=args.ray_gpus, argv=None if argv is None else tuple(str(a) for a in argv), **experiment)
+
+
+def _validate_ray(args) -> str | None:
+    """--ray: Ray installed and the cluster reachable, checked before anything is created."""
+    if args.ray is None:
+        if args.ray_cpus is not None or args.ray_gpus is not None:
+            raise UsageError("--ray-cpus/--ray-gpus size a local cluster: pass --ray local too")
+        return None
+    if args.experiment:
+        raise UsageError("--ray runs the cells and quality passes of a sweep; --experiment runs in one process")
+    for name in ("ray_cpus", "ray_gpus"):
+        value = getattr(args, name)
+        if value is not None and (value < (1 if name == "ray_cpus" else 0) or args.ray != "local"):
+            raise UsageError(f"--{name.replace('_', '-')} {value}: " + (
+                "only sizes a local cluster (--ray local)" if args.ray != "local" else "out of range"))
+    from .measure.cluster import ClusterError, check
+
+    try:
+        return check(args.ray) or "local"
+    except ClusterError as err:
+        raise UsageError(str(err)) from None
 
 
 def _validate_experiment(args) -> dict:
@@ -496,7 +530,23 @@ def _run_experiment(config: RunConfig, loaded, ids, writer, console, out_console
     return 0
 
 
-def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console) -> int:
+def _run_on_cluster(config: RunConfig, bench, cluster, writer, console, out_console, progress) -> int:
+    from .measure.cluster import LoadSpec, Sweep
+    from .results.summary import print_summary
+
+    spec = LoadSpec(model=config.model, text=config.text, device=config.device, dtype=config.dtype,
+                    trust_remote_code=config.trust_remote_code, threads=config.threads, seed=config.seed)
+    with saving_on_interrupt(writer, console, config.out, config.argv) as interrupted, progress:
+        skipped = Sweep(bench, spec).run(writer, progress)
+    if interrupted:
+        return 130
+    if skipped:
+        console.print(f"resumed: {skipped} finished record(s) kept, not run again")
+    print_summary(writer.records, out_console)
+    return 0
+
+
+def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console, cluster=None) -> int:
     from .measure.eta import plan_bench
     from .measure.runner import Bench, BenchConfig
     from .results.summary import print_summary
@@ -509,6 +559,8 @@ def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console) -> 
                       profile=config.profile, profile_steps=config.profile_steps)
     progress = make_progress(console)
     bench = Bench(cfg, loaded.model, ids, progress, run_dir=config.out)
+    if cluster is not None:
+        return _run_on_cluster(config, bench, cluster, writer, console, out_console, progress)
     cells, quality = bench.cells(), bench.quality_plan()
     identity = {"cell": bench.cell_identity, "quality": bench.quality_identity}
     plan = plan_bench(bench, cells, quality, lambda kind, args: writer.done(identity[kind](*args)) is not None)
@@ -593,6 +645,21 @@ def load_inputs(config: RunConfig, console):
     return text, loaded, ids
 
 
+def connect_cluster(config: RunConfig, console):
+    from .measure.cluster import ClusterError, connect
+
+    with console.status("starting a local Ray cluster" if config.ray == "local" else f"joining {config.ray}"):
+        try:
+            cluster = connect(None if config.ray == "local" else config.ray, config.ray_cpus, config.ray_gpus)
+        except ClusterError as err:
+            raise UsageError(str(err)) from None
+    info = cluster.describe()
+    console.print(f"Ray cluster: {len(info['nodes'])} node(s), {info['resources'].get('CPU', 0):g} CPU(s), "
+                  f"{info['resources'].get('GPU', 0):g} GPU(s); {'started' if cluster.local else 'joined'} in "
+                  f"{cluster.started_s:.1f} s")
+    return cluster
+
+
 def run(config: RunConfig) -> int:
     """Run what `config` says: load, open the run directory, measure, summarise, report. Returns the exit code."""
     import torch
@@ -615,12 +682,22 @@ def run(config: RunConfig) -> int:
         config = dataclasses.replace(config, ppl_tokens=min(DEFAULT_PPL_TOKENS, len(ids)))
     elif config.ppl_tokens > len(ids):
         raise UsageError(f"--ppl-tokens {config.ppl_tokens} is more than the text's {len(ids)} tokens")
+    meta, cluster = run_metadata(config, loaded, text, len(ids)), None
+    if config.ray:
+        cluster = connect_cluster(config, console)
+        meta["cluster"] = cluster.describe()
     try:
-        writer = RunWriter(config.out, run_metadata(config, loaded, text, len(ids)), resume=config.resume)
-    except ResultsError as err:
-        raise UsageError(str(err)) from None
-    measure = _run_experiment if config.experiment else _run_bench
-    code = measure(config, loaded, ids, writer, console, out_console)
+        try:
+            writer = RunWriter(config.out, meta, resume=config.resume)
+        except ResultsError as err:
+            raise UsageError(str(err)) from None
+        if config.experiment:
+            code = _run_experiment(config, loaded, ids, writer, console, out_console)
+        else:
+            code = _run_bench(config, loaded, ids, writer, console, out_console, cluster)
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
     if code != 0:
         return code
     if config.report:

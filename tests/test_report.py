@@ -21,7 +21,8 @@ HOSTILE = "<script>alert('x')</script>"
 ARTIFACTS = Path(os.environ.get("PYSTREAM_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))
 
 
-def make_run(folder: Path, *, model_name="smollm2-135m", scale=1.0, batch=1, lengths=(4096, 1048576)) -> Path:
+def make_run(folder: Path, *, model_name="smollm2-135m", scale=1.0, batch=1, lengths=(4096, 1048576),
+             nodes=None) -> Path:
     folder.mkdir(parents=True)
     meta = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "started": "2026-11-28T10:00:00+0000",
@@ -70,6 +71,13 @@ def make_run(folder: Path, *, model_name="smollm2-135m", scale=1.0, batch=1, len
                           nll=sampled, pretraining_length=8192,
                           buckets=[{"start": 1, "end": 257, "tokens": 13, "ppl": 5.0},
                                    {"start": 257, "end": 513, "tokens": 13, "ppl": 5.4}]))
+    if nodes:  # a run on a cluster: cells alternate between the nodes, each record says where it ran
+        for index, rec in enumerate(r for r in records if r["record"] == "cell"):
+            node = nodes[index % len(nodes)]
+            rec["ran_on"] = {"node": node, "node_id": f"id-{node}", "device": "cpu", "device_name": "Test CPU",
+                             "threads": 1, "pid": 100 + index}
+            if rec.get("latency_ms") and node == nodes[-1]:  # the last node is the slow one
+                rec["latency_ms"] = {k: v * 1.5 for k, v in rec["latency_ms"].items()}
     (folder / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in records))
     return folder
 
@@ -207,10 +215,12 @@ def example_runs(tmp_path, name):
         return [make_run(tmp_path / "main"), make_run(tmp_path / "branch", scale=1.25)]
     if name == "batch 4":
         return [make_run(tmp_path / "run", batch=4)]
+    if name == "two nodes":
+        return [make_run(tmp_path / "run", nodes=("node-a", "node-b"))]
     return [REPORTS / name]
 
 
-EXAMPLES = ["fixture", "comparison", "batch 4", "default-run", "paper-experiment", "context-extension",
+EXAMPLES = ["fixture", "comparison", "batch 4", "two nodes", "default-run", "paper-experiment", "context-extension",
             "gpu-h200/1m"]
 
 
@@ -285,7 +295,7 @@ def identity(trace) -> tuple:
             (tuple(symbol) if isinstance(symbol, list) else symbol) if "markers" in mode else None)
 
 
-@pytest.mark.parametrize("example", ["fixture", "comparison", "default-run", "paper-experiment",
+@pytest.mark.parametrize("example", ["fixture", "comparison", "two nodes", "default-run", "paper-experiment",
                                      "context-extension"])
 def test_each_series_has_its_own_identity(tmp_path, example):
     """No two traces of a subplot look alike; a series keeps its look in every figure; a series of fewer than three
@@ -312,6 +322,26 @@ def test_each_series_has_its_own_identity(tmp_path, example):
                                                                                                          tuple):
                             assert seen[trace["name"]][i] == look[i], f"{trace['name']!r} changes its look in {name}"
                 seen.setdefault(trace.get("name"), look)
+
+
+def test_a_run_on_several_nodes_is_coloured_by_node(tmp_path):
+    """pystream-bench --ray records where each cell ran: with two nodes, a figure draws every cell in its node's
+    colour (the slow node's cells stand apart) and the cells table names the node; one node draws no such figure."""
+    figures = rendered(tmp_path, [make_run(tmp_path / "two", nodes=("node-a", "node-b"))])
+    traces = figures["nodes"]["data"]
+    assert [t["name"] for t in traces] == ["node node-a", "node node-b"]
+    assert len({identity(t) for t in traces}) == 2
+    records = load_run(tmp_path / "two").records
+    for trace in traces:
+        node = trace["name"].removeprefix("node ")
+        expected = [c["latency_ms"]["p50"] for c in records if c["record"] == "cell" and c["status"] == "ok"
+                    and c["ran_on"]["node"] == node]
+        assert sorted(values(trace["y"])) == sorted(expected) and expected
+    slow, fast = (np.median(values(t["y"])) for t in reversed(traces))
+    assert slow > fast
+    html = (tmp_path / "report.html").read_text()
+    assert "node node-b" in html.split("<table class='cells'>")[1].split("</table>")[0]
+    assert "nodes" not in rendered(tmp_path, [make_run(tmp_path / "one", nodes=("node-a",))])
 
 
 def test_a_status_is_a_note_not_a_point(tmp_path):

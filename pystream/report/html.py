@@ -578,6 +578,57 @@ def fig_profile(runs):
     return fig
 
 
+# Nodes of a run that spans several (records say where they ran: `ran_on`, written by pystream-bench --ray).
+NODE_COLORS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
+
+
+def node_label(cell) -> str | None:
+    where = cell.get("ran_on")
+    return where.get("node") or where.get("node_id") if isinstance(where, dict) else None
+
+
+def _node_keys(cells) -> dict:
+    """node id (or name) -> label; names alone when they tell the nodes apart, else name and a short node id."""
+    ids = {}
+    for c in cells:
+        where = c.get("ran_on") if isinstance(c.get("ran_on"), dict) else None
+        if where:
+            ids[where.get("node_id") or where.get("node")] = where.get("node") or str(where.get("node_id"))
+    unique = len(set(ids.values())) == len(ids)
+    return {k: name if unique else f"{name} ({str(k)[:8]})" for k, name in ids.items()}
+
+
+def fig_nodes(runs):
+    """When a run's cells ran on several nodes: each cell's p50 latency coloured by the node it ran on, so that a
+    slow node stands out."""
+    import plotly.graph_objects as go
+
+    fig, drawn = go.Figure(), False
+    for label, run in runs:
+        cells = _cells(run, "ok")
+        nodes = _node_keys(cells)
+        if len(nodes) < 2:
+            continue
+        order = [f"{series_name(c)} @ {c['length']:,}" + _run_suffix(runs, label) for c in cells]
+        for index, (key, name) in enumerate(sorted(nodes.items(), key=lambda kv: kv[1])):
+            mine = [c for c in cells if (c["ran_on"].get("node_id") or c["ran_on"].get("node")) == key]
+            fig.add_trace(go.Scatter(
+                x=[f"{series_name(c)} @ {c['length']:,}" + _run_suffix(runs, label) for c in mine],
+                y=[c["latency_ms"]["p50"] for c in mine], mode="markers",
+                name=esc(f"node {name}" + _run_suffix(runs, label)), meta={"y": "cell.latency_ms.p50"},
+                marker=dict(color=NODE_COLORS[index % len(NODE_COLORS)], size=11,
+                            symbol=SYMBOLS[index % len(SYMBOLS)]),
+                hovertemplate="%{x}<br>p50 %{y:.2f} ms<extra>" + esc(name) + "</extra>"))
+            drawn = True
+        fig.update_xaxes(categoryorder="array", categoryarray=order)
+    if not drawn:
+        return None
+    fig.update_layout(title="Where each cell ran: p50 latency per decode step, by node (pystream-bench --ray)")
+    fig.update_yaxes(title_text="p50 ms per decode step", type="log")
+    fig.update_xaxes(title_text="cell")
+    return fig
+
+
 FIGURES = [
     ("latency", fig_latency_vs_cache),
     ("throughput", fig_throughput_vs_length),
@@ -586,6 +637,7 @@ FIGURES = [
     ("ppl-position", fig_ppl_by_position),
     ("ppl", fig_ppl_bars),
     ("profile", fig_profile),
+    ("nodes", fig_nodes),
     ("sinks", fig_sinks),
     ("cache-sizes", fig_cache_sizes),
     ("stability", fig_stability),
@@ -612,8 +664,11 @@ def cells_table(runs) -> str:
             "<th>KV MiB</th><th>× recompute</th><th>note</th></tr>")
     rows = []
     for label, run in runs:
+        several = len(_node_keys(_cells(run))) > 1
         for c in _cells(run):
             note = "text cycled" if c.get("text_cycled") else ""
+            if several:  # where it ran, when a run spans several nodes
+                note = ", ".join(n for n in (note, f"node {node_label(c)}") if n)
             first = (f"<td>{esc(label)}</td><td>{esc(c['method'])}</td><td>{esc(cache_label(c))}</td>"
                      f"<td>{c['length']:,}</td><td>{esc(c.get('mode'))}</td><td>{c.get('batch') or 1}</td>")
             if c.get("status") != "ok":
