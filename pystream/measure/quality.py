@@ -101,10 +101,10 @@ def sampled_perplexity(nll: np.ndarray) -> tuple[float, float, float]:
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-def summarise(nll: np.ndarray, *, sampled: bool, bucket_tokens: int) -> dict:
+def summarise(nll: np.ndarray, *, sampled: bool, bucket_tokens: int, first: int = 1) -> dict:
     """The quality fields of a results record from per-token NLL: `ppl` (with `ppl_ci95` when `sampled`), PPL per
-    bucket of `bucket_tokens` positions (numbered from 1, the first predicted token), and the NLL itself rounded
-    (None where not computed)."""
+    bucket of `bucket_tokens` positions (numbered by stream index: `nll[0]` predicts token `first`, 1 for a stream
+    measured from its start), and the NLL itself rounded (None where not computed)."""
     if sampled:
         ppl, low, high = sampled_perplexity(nll)
         ci = [low, high]
@@ -114,7 +114,7 @@ def summarise(nll: np.ndarray, *, sampled: bool, bucket_tokens: int) -> dict:
     for start in range(0, len(nll), bucket_tokens):
         part = nll[start:start + bucket_tokens]
         count = int((~np.isnan(part)).sum())
-        buckets.append({"start": start + 1, "end": start + len(part) + 1, "tokens": count,
+        buckets.append({"start": start + first, "end": start + len(part) + first, "tokens": count,
                         "ppl": perplexity(part) if count else None})
     return {"ppl": ppl, "ppl_ci95": ci, "buckets": buckets,
             "nll": [None if math.isnan(v) else round(float(v), 5) for v in nll]}

@@ -18,6 +18,7 @@ the record being measured. A torn last line (killed mid-write) is ignored on rea
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
