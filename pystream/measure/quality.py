@@ -13,7 +13,7 @@ import torch
 
 from .baselines import recompute_logits
 from ..cache.batch import StreamBatch
-from ..cache.hf import StreamingCache, dense_cache
+from ..cache.hf import StreamingCache, dense_cache, uses_alibi
 from ..cache.streaming import prefill
 
 
@@ -37,7 +37,8 @@ def nll_streaming(model, cache: StreamingCache, ids: torch.Tensor, *, on_step: C
         if on_step is not None:
             on_step(i)
 
-    prefill(model, cache, ids[:, : n - 1] if n > 1 else ids, on_token=record)
+    # ALiBi models take no positions (their bias comes from the order of the keys the cache returns)
+    prefill(model, cache, ids[:, : n - 1] if n > 1 else ids, planned_positions=not uses_alibi(model), on_token=record)
     result = out.numpy()
     return result[0] if squeeze else result
 
