@@ -198,7 +198,7 @@ def _ok(records, kind):
 def _rolling(records, meta):
     out = []
     for q in _ok(records, "quality"):
-        if not q.get("sampled"):
+        if not q.get("sampled") and q.get("nll") is not None:  # a very long stream keeps chunk PPLs only
             nll = np.array(q["nll"], dtype=float)
             window = meta["window"]
             out += list(np.convolve(nll, np.ones(window) / window, mode="valid"))
