@@ -124,14 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--batch", type=int, default=1, help="independent streams decoded together (default 1)")
     quality = p.add_argument_group("quality")
     quality.add_argument("--ppl-tokens", type=int, default=None,
-                         help="per-token NLL over the first N tokens of the text, per method; 0 skips (default "
-                              "1536, or the whole text if shorter)")
+                         help="at each of --lengths L, per method, the per-token NLL of the N tokens ending at L "
+                              "(tokens L-N..L-1 of the stream; exact for sink and window at any L); 0 skips "
+                              f"(default {DEFAULT_PPL_TOKENS:,}, or the whole text if shorter)")
+    quality.add_argument("--position-schemes", default="in-cache",
+                         help="comma-separated, sink quality under each: in-cache (the paper: positions inside the "
+                              "cache) and original (keys keep the positions they were computed at); default in-cache")
     quality.add_argument("--ppl-cache", type=int, default=None,
                          help="cache size for the quality pass (default: the smallest of --cache-sizes)")
     quality.add_argument("--recompute-ppl", choices=("auto", "all", "sample"), default="auto",
-                         help="recompute at every position, or at a random sample with a 95%% confidence interval; "
-                              "auto samples on CPU (default auto)")
-    quality.add_argument("--recompute-samples", type=int, default=64, help="sample size (default 64)")
+                         help="recompute at every position (exact), or at random positions paired with sink's NLL "
+                              "there, until the 95%% interval of sink PPL / recompute PPL is within 5%%; auto "
+                              "samples on CPU (default auto)")
+    quality.add_argument("--recompute-samples", type=int, default=64,
+                         help="first sample of recompute positions, grown until the interval is narrow enough "
+                              "(default 64)")
     inputs = p.add_argument_group("model and text")
     inputs.add_argument("--model", default=None,
                         help="the bundled smollm2-135m (default), a local transformers folder, a .gguf file, or a "
@@ -222,6 +229,7 @@ class RunConfig:
     ray: str | None = None  # --ray: "local" or the cluster's HEAD:PORT, resolved; None runs here, one cell at a time
     ray_cpus: int | None = None
     ray_gpus: int | None = None
+    position_schemes: tuple[str, ...] = ("in-cache",)
     argv: tuple[str, ...] | None = None  # the command line as given (None: sys.argv), for run.json and resuming
 
 
@@ -258,6 +266,7 @@ def validate(args, argv=None) -> RunConfig:
         raise UsageError(f"--ppl-cache {args.ppl_cache} must be larger than --sinks {args.sinks}")
     if args.ppl_tokens == 1:
         raise UsageError("--ppl-tokens must be 0 (skip) or at least 2")
+    schemes = _validate_schemes(args.position_schemes)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (this torch build: "
@@ -272,7 +281,8 @@ def validate(args, argv=None) -> RunConfig:
         model=args.model, text=args.text, trust_remote_code=args.trust_remote_code, device=device,
         dtype=args.dtype, threads=threads, seed=args.seed, out=out, resume=args.resume, report=not args.no_report,
         profile=args.profile, profile_steps=args.profile_steps, experiment=args.experiment, ray=ray,
-        ray_cpus=args.ray_cpus, ray_gpus=args.ray_gpus, argv=None if argv is None else tuple(str(a) for a in argv), **experiment)
+        ray_cpus=args.ray_cpus, ray_gpus=args.ray_gpus, position_schemes=schemes,
+        argv=None if argv is None else tuple(str(a) for a in argv), **experiment)
 
 
 def _validate_ray(args) -> str | None:
@@ -294,6 +304,17 @@ def _validate_ray(args) -> str | None:
         return check(args.ray) or "local"
     except ClusterError as err:
         raise UsageError(str(err)) from None
+
+
+def _validate_schemes(text: str) -> tuple[str, ...]:
+    from .measure.evaluator import POSITION_SCHEMES
+
+    schemes = parse_list(text, "--position-schemes", lambda t, what: t)
+    unknown = [s for s in schemes if s not in POSITION_SCHEMES]
+    if unknown:
+        raise UsageError(f"--position-schemes: unknown scheme {unknown[0]!r}; choose from "
+                         f"{', '.join(POSITION_SCHEMES)}")
+    return tuple(schemes)
 
 
 def _validate_experiment(args) -> dict:
@@ -373,7 +394,7 @@ def run_metadata(config: RunConfig, loaded, text, n_tokens) -> dict:
             "sinks": config.sinks, "mode": config.mode, "steps": config.steps, "warmup": config.warmup,
             "batch": config.batch, "ppl_tokens": config.ppl_tokens, "ppl_cache": config.ppl_cache,
             "recompute_ppl": config.recompute_ppl, "recompute_samples": config.recompute_samples,
-            "model": loaded.name, "text": text.name, "device_kind": device, "dtype": config.dtype,
+            "position_schemes": list(config.position_schemes), "model": loaded.name, "text": text.name, "device_kind": device, "dtype": config.dtype,
             "threads": config.threads, "seed": config.seed, "profile": config.profile,
             "experiment": config.experiment, "parts": None if config.parts is None else list(config.parts),
             "experiment_tokens": config.experiment_tokens,
@@ -556,7 +577,8 @@ def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console, clu
                       warmup=config.warmup, seed=config.seed, ppl_tokens=config.ppl_tokens,
                       ppl_cache=config.ppl_cache, recompute_ppl=config.recompute_ppl,
                       recompute_samples=config.recompute_samples, device=config.device, dtype=config.dtype,
-                      profile=config.profile, profile_steps=config.profile_steps)
+                      profile=config.profile, profile_steps=config.profile_steps,
+                      position_schemes=config.position_schemes)
     progress = make_progress(console)
     bench = Bench(cfg, loaded.model, ids, progress, run_dir=config.out)
     if cluster is not None:
@@ -572,7 +594,7 @@ def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console, clu
         for item in list(plan.pending):
             plan.start(item)
             if item.quality:
-                rec = bench.run_quality(*item.key[1:])
+                rec = bench.run_quality(item.key[1], writer.records)
             else:
                 rec = bench.run_cell(*item.key[1:], writer.records)
             writer.append(rec)

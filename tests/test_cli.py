@@ -47,11 +47,17 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys)
     assert by[("dense", None, 100)]["speedup_vs_recompute"] == pytest.approx(
         {str(cs): by[("recompute", cs, 100)]["latency_ms"]["p50"] / by[("dense", None, 100)]["latency_ms"]["p50"]
          for cs in (16, 32)})
-    quality = {r["method"]: r for r in records if r["record"] == "quality"}
-    assert set(quality) == {"sink", "window", "recompute", "dense"}
-    assert len(quality["sink"]["nll"]) == 119 and quality["sink"]["ppl"] > 1
-    assert quality["recompute"]["sampled"] is True and quality["recompute"]["ppl_ci95"][0] <= quality["recompute"]["ppl"]
-    assert quality["sink"]["buckets"][0]["start"] == 1
+    # quality at each length: the 120 tokens ending there (from token 1 when the stream is shorter)
+    quality = {(r["method"], r["length"]): r for r in records if r["record"] == "quality"}
+    assert set(quality) == {(m, n) for m in ("sink", "window", "recompute", "dense") for n in (100, 1024)}
+    sink = quality[("sink", 1024)]
+    assert (sink["start"], sink["end"], sink["tokens"]) == (904, 1024, 120) and len(sink["nll"]) == 120
+    assert sink["position_scheme"] == "in-cache" and sink["evaluator"] == "chunked" and sink["ppl"] > 1
+    assert sink["buckets"][0]["start"] == 904 and sink["buckets"][-1]["end"] == 1024
+    assert (quality[("sink", 100)]["start"], quality[("sink", 100)]["end"]) == (1, 100)
+    recompute = quality[("recompute", 1024)]
+    assert recompute["ratio_to"] == "sink" and recompute["position_scheme"] is None
+    assert recompute["ratio_ci95"][0] <= recompute["ratio"] <= recompute["ratio_ci95"][1]
     assert "decode latency per token" in stdout and "quality" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "run.json"]  # no .lock left behind
 

@@ -129,6 +129,20 @@ def test_warmup_gives_the_full_streams_nll(arch, scheme):
     assert np.abs(short.nll - expected).max() > 1e-3  # one window too short is not exact
 
 
+def test_window_warmup_gives_the_full_streams_nll():
+    """A window cache (no sinks) starts straight at the warm-up start: no sink chunk to feed first."""
+    model = tiny("llama")
+    layers = model.config.num_hidden_layers
+    ids = stream_ids(900, seed=4)
+    full = stream_nll(model, ids, num_sinks=0, window=W, start=1, end=800, warmup=False, chunk_tokens=50)
+    warm = stream_nll(model, ids, num_sinks=0, window=W, start=700, end=800, chunk_tokens=50)
+    assert warm.streamed_from == 700 - 1 - layers * (W - 1) > 0
+    assert np.abs(warm.nll - full.nll[699:]).max() <= NLL_TOL
+    short = stream_nll(model, ids, num_sinks=0, window=W, start=700, end=800,
+                       warmup_tokens=(layers - 1) * (W - 1), chunk_tokens=50)
+    assert np.abs(short.nll - full.nll[699:]).max() > 1e-3
+
+
 def test_a_million_tokens_in_equals_a_fresh_stream_with_the_same_window():
     """Positions stay bounded: at token 1,000,000 (frame positions small) the NLL is that of a short stream holding
     the sinks and the same tokens, which starts at position 0."""

@@ -58,6 +58,36 @@ def test_interrupted_stream_resumes_from_its_checkpoint(tmp_path):
     assert not (tmp_path / "checkpoints" / "t").exists()  # cleaned up once finished
 
 
+def test_stability_is_exact_across_units_and_resumes(tmp_path):
+    """Part 5 through the chunked evaluator, a unit at a time (each from its own warm-up): the whole stream's NLL,
+    per 128-token chunk; an interrupted run resumes after its last finished unit with the same result."""
+    from pystream.measure.evaluator import stream_nll
+
+    model = tiny_model("llama")
+    ids = np.random.default_rng(0).integers(0, 128, 2000)
+    cfg = PaperConfig(parts=("stability",), cache=24, stability_tokens=700, stability_chunk=128, stability_unit=200)
+    whole = Writer()
+    PaperExperiment(cfg, model, ids, whole, InterruptAfter(), "cpu", None).part_stability()
+    rec = whole.records[0]
+    direct = stream_nll(model, torch.from_numpy(ids[:700]), num_sinks=4, window=20, warmup=False)
+    assert np.abs(np.array(rec["nll"]) - direct.nll).max() <= 1e-4  # recorded to 5 decimals
+    assert [b["end"] for b in rec["buckets"]] == [129, 257, 385, 513, 641, 700]
+    assert rec["buckets"][0]["ppl"] == pytest.approx(np.exp(direct.nll[:128].mean()), rel=1e-5)
+    assert (rec["evaluator"], rec["start"], rec["end"]) == ("chunked", 1, 700)
+    first = PaperExperiment(cfg, model, ids, Writer(), InterruptAfter(2), "cpu", tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        first.part_stability()
+    progress, resumed = InterruptAfter(), Writer()
+    PaperExperiment(cfg, model, ids, resumed, progress, "cpu", tmp_path).part_stability()
+    assert progress.count == 2  # units 3 and 4 only: 1 and 2 came from the checkpoint
+    assert resumed.records[0]["nll"] == rec["nll"]
+    assert not (tmp_path / "checkpoints" / "stability").exists()
+    short = Writer()
+    PaperExperiment(PaperConfig(parts=("stability",), cache=24, stability_tokens=700, stability_keep_nll=100), model,
+                    ids, short, InterruptAfter(), "cpu", None).part_stability()
+    assert short.records[0]["nll"] is None and short.records[0]["ppl"] == pytest.approx(rec["ppl"], rel=1e-5)
+
+
 def test_paper_experiment_through_the_cli(tmp_path, capsys):
     folder = save_tiny_model(tmp_path / "model")
     text = tmp_path / "text.txt"

@@ -342,12 +342,13 @@ def test_an_allocator_failure_is_an_oom_record(tiny_model_dir, text_file, tmp_pa
     run goes on."""
     import torch
 
-    from pystream.measure import cells
+    from pystream.measure import cells, quality_at
 
     def huge(*args, **kwargs):
         return torch.empty(1 << 50)  # a real allocator failure, not a stand-in exception
 
-    monkeypatch.setattr(cells, "streaming_cache", huge)
+    monkeypatch.setattr(cells, "streaming_cache", huge)  # the cell's cache
+    monkeypatch.setattr(quality_at, "stream_nll", huge)  # the quality pass's evaluator
     out = tmp_path / "run"
     args = ["--model", tiny_model_dir, "--text", text_file, "--out", out, "--methods", "window,dense", "--lengths",
             "64", "--cache-sizes", "32", "--steps", "2", "--warmup", "1", "--ppl-tokens", "40", "--no-report"]

@@ -82,6 +82,54 @@ def make_run(folder: Path, *, model_name="smollm2-135m", scale=1.0, batch=1, len
     return folder
 
 
+def make_run_at_lengths(folder: Path) -> Path:
+    """A run with quality at two lengths (the evaluator's records): sink under both position schemes, window, dense
+    at 4k and OOM at 1M, recompute paired with sink."""
+    make_run(folder)
+    lines = [json.loads(line) for line in (folder / RESULTS).read_text().splitlines()]
+    records = [r for r in lines if r["record"] == "cell"]
+    for length in (4096, 1048576):
+        start, end = length - 1536, length
+        for method, cache, sinks, scheme, ppl in (("sink", 256, 4, "in-cache", 5.8), ("sink", 256, 4, "original", 9.1),
+                                                  ("window", 256, 0, "in-cache", 12.0), ("dense", None, 0, None, 4.2)):
+            base = dict(method=method, cache_size=cache, length=length, mode="quality", sinks=sinks,
+                        position_scheme=scheme, start=start, end=end, tokens=1536, pretraining_length=8192)
+            if method == "dense" and length > 8192:
+                records.append(record("quality", **base, status="oom", error="OOM: needs 45.0 GiB, 22.5 GiB available",
+                                      kv_bytes_needed=45 * 1024**3))
+                continue
+            ppl = ppl * (1.3 if length > 8192 and method != "dense" else 1.0)
+            nll = [round(math.log(ppl) + 0.3 * math.sin(i / 40), 4) for i in range(1536)]
+            records.append(record("quality", **base, status="ok", evaluator="chunked", ppl=ppl, ppl_ci95=None,
+                                  sampled=False, sample_size=None, nll=nll,
+                                  buckets=[{"start": start, "end": start + 256, "tokens": 256, "ppl": ppl}]))
+        sampled = [None] * 1536
+        for i in range(0, 1536, 12):
+            sampled[i] = 1.6
+        records.append(record("quality", method="recompute", cache_size=256, length=length, mode="quality", sinks=0,
+                              position_scheme=None, start=start, end=end, tokens=1536, status="ok", ppl=5.0,
+                              ppl_ci95=[4.6, 5.4], sampled=True, sample_size=128, nll=sampled, pretraining_length=8192,
+                              buckets=[{"start": start, "end": start + 256, "tokens": 22, "ppl": 5.0}],
+                              ratio_to="sink", ratio_position_scheme="in-cache", ratio=1.04, ratio_ci95=[0.99, 1.09],
+                              ratio_rel_half_width=0.048, ratio_target=0.05))
+    (folder / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def test_quality_at_lengths_is_drawn_per_method_and_scheme(tmp_path):
+    run = make_run_at_lengths(tmp_path / "run")
+    html = write_report([run], tmp_path / "report.html").read_text()
+    figures = figures_of(html)
+    traces = {t["name"]: t for t in figures["ppl-length"]["data"]}
+    assert {"sink 4+252", "sink 4+252 (original positions)", "window 256", "dense", "recompute 256"} <= set(traces)
+    assert values(traces["sink 4+252"]["x"]) == [4096, 1048576]
+    assert values(traces["dense"]["x"]) == [4096]  # the OOM at 1M is a note, not a point
+    assert figures["ppl-length"]["layout"]["xaxis"]["type"] == "log"
+    assert "OOM: needs 45.0 GiB" in figures["ppl-length"]["layout"]["title"]["text"]
+    assert "sink / recompute 1.040 (0.990-1.090)" in html  # the paired ratio with its interval
+    assert "1,047,040-1,048,576" in html  # the tokens a record covers
+
+
 EXPECTED_FIGURES = ["fig-latency", "fig-throughput", "fig-memory", "fig-kv", "fig-ppl-position", "fig-ppl"]
 
 
@@ -158,7 +206,7 @@ def _ok(records, kind):
 def _rolling(records, meta):
     out = []
     for q in _ok(records, "quality"):
-        if not q.get("sampled"):
+        if not q.get("sampled") and q.get("nll") is not None:  # a very long stream keeps chunk PPLs only
             nll = np.array(q["nll"], dtype=float)
             window = meta["window"]
             out += list(np.convolve(nll, np.ones(window) / window, mode="valid"))
@@ -217,10 +265,15 @@ def example_runs(tmp_path, name):
         return [make_run(tmp_path / "run", batch=4)]
     if name == "two nodes":
         return [make_run(tmp_path / "run", nodes=("node-a", "node-b"))]
+    if name == "at lengths":
+        return [make_run_at_lengths(tmp_path / "run")]
+    if name == "at lengths, compared":
+        return [make_run_at_lengths(tmp_path / "main"), make_run_at_lengths(tmp_path / "branch")]
     return [REPORTS / name]
 
 
-EXAMPLES = ["fixture", "comparison", "batch 4", "two nodes", "default-run", "paper-experiment", "context-extension",
+EXAMPLES = ["fixture", "comparison", "batch 4", "two nodes", "at lengths", "at lengths, compared", "default-run",
+            "paper-experiment", "context-extension",
             "gpu-h200/1m"]
 
 
@@ -295,8 +348,8 @@ def identity(trace) -> tuple:
             (tuple(symbol) if isinstance(symbol, list) else symbol) if "markers" in mode else None)
 
 
-@pytest.mark.parametrize("example", ["fixture", "comparison", "two nodes", "default-run", "paper-experiment",
-                                     "context-extension"])
+@pytest.mark.parametrize("example", ["fixture", "comparison", "two nodes", "at lengths", "at lengths, compared",
+                                     "default-run", "paper-experiment", "context-extension"])
 def test_each_series_has_its_own_identity(tmp_path, example):
     """No two traces of a subplot look alike; a series keeps its look in every figure; a series of fewer than three
     points is drawn as points, not as a line."""

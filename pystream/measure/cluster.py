@@ -210,8 +210,9 @@ def _kill_hook(items) -> None:
 
 
 def run_items(spec: LoadSpec, cfg, items: list[tuple], done: list[dict], tracker=None, key=None) -> list[dict]:
-    """The body of a task: run cells (("cell", method, capacity, length)) and quality passes (("quality", method,
-    capacity)) on this worker, return their measurements, each saying where it ran."""
+    """The body of a task: run cells (("cell", method, capacity, length)) and quality passes (("quality",
+    QualityItem)) on this worker, return their measurements, each saying where it ran. `done`: the finished records
+    a task reads (recompute's cells for the speedup, the quality record recompute's NLL is paired with)."""
     import torch
 
     if tracker is not None:
@@ -226,7 +227,7 @@ def run_items(spec: LoadSpec, cfg, items: list[tuple], done: list[dict], tracker
         if item[0] == "cell":
             measured = bench.run_cell(item[1], item[2], item[3], done)
         else:
-            measured = bench.run_quality(item[1], item[2])
+            measured = bench.run_quality(item[1], done)
         out.append(dict(measured, ran_on=ran_on))
     return out
 
@@ -259,30 +260,29 @@ class Sweep:
 
     def _plan(self, writer) -> tuple[list[tuple], int]:
         """Tasks still to run, as (key, items, dependencies); and how many records are already done."""
+        from .quality_at import pair_candidates
+
         bench, tasks, skipped = self.bench, [], 0
+        cfg = bench.cfg
         for name, capacity, length in bench.cells():
             if writer.done(bench.cell_identity(name, capacity, length)) is not None:
                 skipped += 1
                 continue
-            if name == "recompute":
+            if name == "recompute" or "recompute" not in cfg.methods:
                 deps = []
             elif capacity is None:  # dense: its speedup is against every capacity's recompute of its length
-                deps = [("recompute", c, length) for c in bench.cfg.cache_sizes if "recompute" in bench.cfg.methods]
+                deps = [bench.cell_identity("recompute", c, length) for c in cfg.cache_sizes]
             else:
-                deps = [("recompute", capacity, length)] if "recompute" in bench.cfg.methods else []
+                deps = [bench.cell_identity("recompute", capacity, length)]
             tasks.append((("cell", name, capacity, length), [("cell", name, capacity, length)], deps))
-        quality = []
-        for name, capacity in bench.quality_plan():
-            if writer.done(bench.quality_identity(name, capacity)) is not None:
+        plan = bench.quality_plan()
+        for item in plan:
+            if writer.done(bench.quality_identity(item)) is not None:
                 skipped += 1
-            else:
-                quality.append(("quality", name, capacity))
-        # sink and window stream their quality pass together, as one batch of two: one task for both
-        pair = [q for q in quality if q[1] in ("sink", "window")]
-        if len(pair) == 2:
-            quality = [q for q in quality if q not in pair]
-            tasks.append((pair[0], pair, []))
-        tasks += [(q, [q], []) for q in quality]
+                continue
+            # recompute's NLL is paired with the record of the same length that ran before it in the plan (sink)
+            deps = [bench.quality_identity(other) for other in pair_candidates(plan, item)]
+            tasks.append((("quality", item), [("quality", item)], deps))
         return tasks, skipped
 
     def run(self, writer, progress) -> int:
@@ -301,14 +301,15 @@ class Sweep:
         recorded = 0
 
         def finished(dep) -> bool:
-            return writer.done(self.bench.cell_identity(*dep)) is not None
+            return writer.done(dep) is not None
 
         def submit_ready():
             for task in list(waiting):
                 key, items, deps = task
                 if all(finished(d) for d in deps):
                     waiting.remove(task)
-                    done = [r for r in writer.records if r.get("record") == "cell" and r.get("method") == "recompute"]
+                    done = [r for r in writer.records if (r.get("record") == "cell" and r.get("method") == "recompute")
+                            or r.get("record") == "quality"]
                     ref = remote.remote(spec_ref, cfg_ref, items, done, tracker, key)
                     pending[ref] = (key, items)
 
@@ -346,7 +347,7 @@ class Sweep:
     def _identity(self, item) -> dict:
         if item[0] == "cell":
             return self.bench.cell_identity(*item[1:])
-        return self.bench.quality_identity(*item[1:])
+        return self.bench.quality_identity(item[1])
 
     def _show(self, progress, overall, tracker, pending, recorded, total) -> None:
         import ray

@@ -231,6 +231,8 @@ def plan_bench(bench, cells, quality, is_done) -> Plan:
     them) as parts; `is_done(kind, args)` says whether an item was finished before (a resumed run)."""
     from . import clocks
     from .cells import method
+    from .evaluator import warmup_start
+    from .quality_at import quality_range
 
     cfg = bench.cfg
     config = bench.config
@@ -265,31 +267,29 @@ def plan_bench(bench, cells, quality, is_done) -> Plan:
             setup = 1
         items.append(Item(("cell", name, capacity, length), label, parts,
                           done=is_done("cell", (name, capacity, length)), setup=setup))
-    n = cfg.ppl_tokens
-    # sink and window stream as one batch of two on the first of them to run; the second takes its result
-    streamed_together = [m for m, c in quality if m in ("sink", "window") and not is_done("quality", (m, c))]
-    sample = cfg.recompute_ppl == "sample" or (cfg.recompute_ppl == "auto" and bench.device.type == "cpu")
-    for name, capacity in quality:
-        label = f"quality: {name}"
-        if not fits(name, n, 1):
-            parts = ()
+    # quality at each length (measure/quality_at.py): sink and window through the chunked evaluator from their
+    # warm-up start, dense prefilled to the length, recompute at its paired sample of positions
+    exact = cfg.recompute_ppl == "all" or (cfg.recompute_ppl == "auto" and bench.device.type != "cpu")
+    for item in quality:
+        name, capacity = item.method, item.capacity
+        start, end = quality_range(item.length, cfg.ppl_tokens)
+        label = f"quality: {name} {capacity or ''} @ {item.length:,}"
+        if capacity is None and not fits(name, end, 1):
+            parts = ()  # recorded with its predicted need before anything runs
         elif name in ("sink", "window"):
-            first = bool(streamed_together) and name == streamed_together[0]
-            parts = (Part("stream_nll_step", step_units(n - 1, capacity) if first else 0, capacity),)
+            sinks = method(name).sinks(cfg)
+            fed = end - warmup_start(config.num_hidden_layers, sinks, capacity - sinks, start) + sinks
+            parts = (Part("chunked_nll_token", chunk_units(fed, capacity / 2), capacity),)
         elif name == "recompute":
-            positions = min(cfg.recompute_samples, n - 1) if sample else n - 1
-            context = min(capacity, n / 2) if sample else _mean_context(n, capacity)
-            parts = (Part("forward_token", positions * chunk_units(context, context / 2), capacity),)
+            population = end - start
+            # the paired sample grows from its pilot until the interval is narrow enough: assume one doubling
+            positions = population if exact else min(population, 2 * cfg.recompute_samples,
+                                                      cfg.recompute_max_positions or population)
+            parts = (Part("forward_token", positions * chunk_units(capacity, capacity / 2), capacity),)
         else:
-            parts = (Part("dense_token", chunk_units(n, n / 2), n),)
-        items.append(Item(("quality", name, capacity), label, parts, quality=True,
-                          done=is_done("quality", (name, capacity))))
+            parts = (Part("dense_token", chunk_units(end, end / 2), end),)
+        items.append(Item(("quality", item), label, parts, quality=True, done=is_done("quality", (item,))))
     return Plan(items, model)
-
-
-def _mean_context(n: int, capacity: int) -> float:
-    """Mean tokens re-read per position when recompute scores every one of n - 1 positions."""
-    return sum(min(i + 1, capacity) for i in range(n - 1)) / max(1, n - 1)
 
 
 def format_seconds(seconds: float) -> str:

@@ -163,7 +163,7 @@ def stream_nll(model, ids: torch.Tensor, *, num_sinks: int, window: int, positio
     total = (num_sinks if first else 0) + (last_logit + 1 - first)
     nll = np.empty(end - start, dtype=np.float64)
     done = 0
-    if first:
+    if first and num_sinks:  # a window cache (no sinks) starts straight at the warm-up start
         stream.forward(ids[:num_sinks].to(device), first_token=0)
         done += num_sinks
         if on_progress is not None:

@@ -7,8 +7,8 @@
 3. "cache": the cache size at 4 sinks: 256 to 2048 (Table 6), the sizes as one batch.
 4. "attention": where attention goes: the share each layer and head gives to the first token, and average attention
    maps of a few layers, from real forwards on the text (Figure 2).
-5. "stability": perplexity per chunk over a long stream in real streaming mode (part 1's sink stream, or a longer
-   one with --stability-tokens, up to 1M tokens and beyond).
+5. "stability": perplexity per chunk over a long stream: part 1's sink stream, or with --stability-tokens (1M, 4M,
+   ...) a separate one, exact through the chunked evaluator, as PPL per 65,536-token chunk (the paper's Figure 5).
 
 Every part writes its records to the run directory as it finishes; long streams checkpoint every few minutes, so a
 killed run resumes where it stopped.
@@ -28,6 +28,7 @@ import torch
 from ..cache.batch import StreamBatch
 from ..cache.hf import eager_attention, streaming_cache
 from ..inputs.paper import PAPER_SINKS, SINK_COUNTS
+from .evaluator import stream_nll
 from .quality import nll_dense, nll_recompute, stream_batch_nll_step, summarise
 
 PARTS = ("ppl", "sinks", "cache", "attention", "stability")
@@ -44,6 +45,9 @@ class PaperConfig:
     attention_segments: int = 16
     attention_tokens: int = 64
     stability_tokens: int | None = None  # None: analyse part 1's sink stream
+    stability_chunk: int = 65_536  # part 5 with stability_tokens: PPL per chunk of this many tokens (Figure 5)
+    stability_unit: int = 131_072  # ...evaluated this many tokens at a time, each with its warm-up; a checkpoint after each
+    stability_keep_nll: int = 65_536  # longer streams keep the chunk PPLs only (a million NLLs would be 10 MB of JSON)
     chunk: int = 1_024
     seed: int = 0
     checkpoint_every_s: float = 120.0
@@ -214,10 +218,46 @@ class PaperExperiment:
             maps=maps, uniform_share=float(np.mean([1.0 / (q + 1) for q in range(skip, n)]))))
 
     def part_stability(self) -> None:
-        """Part 5 on its own longer stream (sink cache, the cache's own positions)."""
+        """Part 5 on its own longer stream (sink cache, in-cache positions), exact through the chunked evaluator
+        (`evaluator.stream_nll`): units of `stability_unit` predicted tokens, each streamed from its warm-up start with
+        the sinks in front (exact: a token's state depends only on the sinks and the previous layers x (W - 1)
+        tokens), so a killed run resumes from the last finished unit."""
         cfg = self.cfg
-        key = self._identity("sink", cfg.cache, PAPER_SINKS, cfg.stability_tokens, "stability")
+        key = {**self._identity("sink", cfg.cache, PAPER_SINKS, cfg.stability_tokens, "stability"),
+               "position_scheme": "in-cache"}  # part of a record's identity (record_key)
         if self._done(key):
             return
-        nll = self._stream_batch("stability", self._stream_caches([PAPER_SINKS], cfg.cache), cfg.stability_tokens)
-        self.writer.append(self._quality("sink", cfg.cache, PAPER_SINKS, nll[0], ["stability"]))
+        tokens = cfg.stability_tokens
+        ids = self.text(tokens)
+        nll = np.full(tokens - 1, np.nan)
+        folder = None if self.run_dir is None else self.run_dir / "checkpoints" / "stability"
+        start = 1
+        if folder is not None and (folder / "nll.npy").exists():
+            saved = np.load(folder / "nll.npy")
+            start = int(saved.shape[0] - np.isnan(saved[::-1]).argmin()) + 1 if not np.isnan(saved).all() else 1
+            nll[:start - 1] = saved[:start - 1]
+        task = self.progress.add_task(f"stability: sink {PAPER_SINKS}+{cfg.cache - PAPER_SINKS} over {tokens:,} "
+                                      "tokens (exact, chunked)", total=tokens - 1, completed=start - 1)
+        try:
+            for a in range(start, tokens, cfg.stability_unit):
+                b = min(a + cfg.stability_unit, tokens)
+                part = stream_nll(self.model, ids, num_sinks=PAPER_SINKS, window=cfg.cache - PAPER_SINKS, start=a,
+                                  end=b)
+                nll[a - 1:b - 1] = part.nll
+                if folder is not None and b < tokens:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    np.save(folder / "nll.npy", nll)
+                self.progress.advance(task, b - a)
+        finally:
+            self.progress.remove_task(task)
+        if folder is not None and folder.exists():
+            for path in folder.iterdir():
+                path.unlink()
+            folder.rmdir()
+        rec = {**key, "status": "ok", "tokens": tokens, "sampled": False, "experiments": ["stability"],
+               "evaluator": "chunked", "start": 1, "end": tokens,
+               **summarise(nll, sampled=False, bucket_tokens=cfg.stability_chunk),
+               "pretraining_length": self.pretraining}
+        if tokens - 1 > cfg.stability_keep_nll:
+            rec["nll"] = None
+        self.writer.append(rec)

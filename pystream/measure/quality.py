@@ -13,7 +13,7 @@ import torch
 
 from .baselines import recompute_logits
 from ..cache.batch import StreamBatch
-from ..cache.hf import StreamingCache, dense_cache
+from ..cache.hf import StreamingCache, dense_cache, uses_alibi
 from ..cache.streaming import prefill
 
 
@@ -37,7 +37,8 @@ def nll_streaming(model, cache: StreamingCache, ids: torch.Tensor, *, on_step: C
         if on_step is not None:
             on_step(i)
 
-    prefill(model, cache, ids[:, : n - 1] if n > 1 else ids, on_token=record)
+    # ALiBi models take no positions (their bias comes from the order of the keys the cache returns)
+    prefill(model, cache, ids[:, : n - 1] if n > 1 else ids, planned_positions=not uses_alibi(model), on_token=record)
     result = out.numpy()
     return result[0] if squeeze else result
 
@@ -110,10 +111,10 @@ def sampled_perplexity(nll: np.ndarray) -> tuple[float, float, float]:
     return _exp(mean), _exp(mean - half), _exp(mean + half)
 
 
-def summarise(nll: np.ndarray, *, sampled: bool, bucket_tokens: int) -> dict:
+def summarise(nll: np.ndarray, *, sampled: bool, bucket_tokens: int, first: int = 1) -> dict:
     """The quality fields of a results record from per-token NLL: `ppl` (with `ppl_ci95` when `sampled`), PPL per
-    bucket of `bucket_tokens` positions (numbered from 1, the first predicted token), and the NLL itself rounded
-    (None where not computed)."""
+    bucket of `bucket_tokens` positions (numbered by stream index: `nll[0]` predicts token `first`, 1 for a stream
+    measured from its start), and the NLL itself rounded (None where not computed)."""
     if sampled:
         ppl, low, high = sampled_perplexity(nll)
         ci = [low, high]
@@ -123,7 +124,7 @@ def summarise(nll: np.ndarray, *, sampled: bool, bucket_tokens: int) -> dict:
     for start in range(0, len(nll), bucket_tokens):
         part = nll[start:start + bucket_tokens]
         count = int((~np.isnan(part)).sum())
-        buckets.append({"start": start + 1, "end": start + len(part) + 1, "tokens": count,
+        buckets.append({"start": start + first, "end": start + len(part) + first, "tokens": count,
                         "ppl": perplexity(part) if count else None})
     return {"ppl": ppl, "ppl_ci95": ci, "buckets": buckets,
             "nll": [None if math.isnan(v) else round(float(v), 5) for v in nll]}

@@ -17,9 +17,8 @@ import torch
 
 from . import clocks
 from .cells import METHODS, is_dense, method
-from .quality import summarise
+from . import quality_at
 
-BUCKET_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,10 @@ class BenchConfig:
     ppl_tokens: int = 1536
     ppl_cache: int | None = None
     recompute_ppl: str = "auto"  # "all", "sample" or "auto" (sample on CPU, all on GPU)
-    recompute_samples: int = 64
+    recompute_samples: int = 64  # recompute's first sample of positions (the pilot of the paired design)
+    recompute_target: float = 0.05  # relative half-width of the 95% interval of sink PPL / recompute PPL to reach
+    recompute_max_positions: int | None = 512  # the paired sample stops growing here (time bound of the default run)
+    position_schemes: tuple[str, ...] = ("in-cache",)  # sink quality under each ("in-cache", "original")
     device: str = "cpu"
     dtype: str = "float32"
     checkpoint_every_s: float = 60.0  # --mode stream: save the cache this often, for --resume
@@ -115,13 +117,9 @@ class Bench:
                     plan.append((name, None, length))
         return plan
 
-    def quality_plan(self) -> list[tuple[str, int | None]]:
-        if self.cfg.ppl_tokens <= 1:
-            return []
-        capacity = self.cfg.quality_cache
-        order = [m for m in self.cfg.methods if is_dense(m)]
-        order += [m for m in ("sink", "window", "recompute") if m in self.cfg.methods]
-        return [(m, None if is_dense(m) else capacity) for m in order]
+    def quality_plan(self) -> list:
+        """Quality at each length asked (`quality_at.quality_plan`): `QualityItem`s in the order they run."""
+        return quality_at.quality_plan(self.cfg)
 
     def cell_identity(self, name: str, capacity: int | None, length: int) -> dict:
         """The first fields of a cell's record, which identify it (`pystream.results.record_key`)."""
@@ -129,9 +127,8 @@ class Bench:
         return {"record": "cell", "method": name, "cache_size": capacity, "length": length,
                 "mode": kind.mode(self.cfg), "sinks": kind.sinks(self.cfg)}
 
-    def quality_identity(self, name: str, capacity: int | None) -> dict:
-        return {"record": "quality", "method": name, "cache_size": capacity, "length": self.cfg.ppl_tokens,
-                "mode": "quality", "sinks": method(name).sinks(self.cfg)}
+    def quality_identity(self, item) -> dict:
+        return quality_at.quality_identity(self.cfg, item)
 
     # ---- one cell ---------------------------------------------------------------------------------------------------
     def run_cell(self, name: str, capacity: int | None, length: int, done: list[dict]) -> dict:
@@ -273,33 +270,9 @@ class Bench:
                 pass
 
     # ---- quality ----------------------------------------------------------------------------------------------------
-    def run_quality(self, name: str, capacity: int | None) -> dict:
-        kind = method(name)
-        n = self.cfg.ppl_tokens
-        x = self.tokens.first(n)[0].cpu().to(self.device)
-        identity = self.quality_identity(name, capacity)
-        task = self.progress.add_task(f"quality: {name}" + (f" {capacity}" if capacity else ""), total=n - 1)
-        started = time.perf_counter()
-        try:
-            needed = kind.kv_bytes_needed(self, n, 1, capacity)
-            if needed is not None:
-                ok, message = clocks.fits(needed, self.device, reserve_bytes=min(clocks.GIB, needed))
-                if not ok:
-                    return dict(identity, status="oom", error=message)
-            nll, how = kind.nll(self, capacity, x, Tick(self.progress, task))
-        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
-            if not clocks.is_allocation_failure(err):
-                raise
-            self._free()
-            return dict(identity, status="oom", error=clocks.oom_message(err))
-        finally:
-            self.progress.remove_task(task)
-        how = {"sampled": False, "sample_size": None, **how}
-        extra = {"rope_scaling": {"type": kind.rope_scaling[0], "factor": kind.rope_scaling[1]}} \
-            if kind.rope_scaling else {}
-        return dict(identity, status="ok", tokens=n, **extra, **how, wall_s=time.perf_counter() - started,
-                    **summarise(nll, sampled=how["sampled"], bucket_tokens=BUCKET_TOKENS),
-                    pretraining_length=getattr(self.config, "max_position_embeddings", None))
+    def run_quality(self, item, records: list[dict]) -> dict:
+        """One quality record (`quality_at.run_quality`); `records`: the run's finished ones (recompute's pair)."""
+        return quality_at.run_quality(self, item, records)
 
 
 __all__ = ["Bench", "BenchConfig", "METHODS", "TokenSource"]

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..results import ResultsError, Run, cache_label, load_run, peak_bytes, write_atomic
 from ..results.paper import paper_table
-from ..results.summary import latency_unit
+from ..results.summary import latency_unit, quality_note, quality_range_text, ratio_text
 
 MIB = 1024**2
 # One colour per method across every figure; methods not named here get the next free colour of _EXTRA_COLORS.
@@ -41,6 +41,9 @@ DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 SYMBOLS = ["circle", "square", "diamond", "triangle-up", "triangle-down", "star", "hexagon", "cross"]
 RUN_SYMBOL_VARIANTS = ["", "-open", "-dot", "-open-dot"]
 PATTERNS = ["", "/", ".", "x", "-", "|", "+"]
+# The "original" position scheme (keys keep the positions they were computed at) beside the paper's in-cache one: its
+# own marker shapes (none of SYMBOLS) and a fine dash, so the two schemes of one method and cache read apart.
+ORIGINAL_SYMBOLS = ["pentagon", "hourglass", "bowtie", "triangle-left", "triangle-right", "octagon"]
 ROLLING_TOKENS = 64
 MAX_POINTS = 2500  # per line in the perplexity-by-position figure
 MIN_LINE_POINTS = 3  # fewer points than this are drawn as points (with error bars where the data has a spread)
@@ -61,7 +64,8 @@ def esc(value) -> str:
 
 def series_name(rec: dict) -> str:
     label = cache_label(rec)
-    return f"{rec['method']} {label}".strip()
+    scheme = " (original positions)" if rec.get("position_scheme") == "original" else ""
+    return f"{rec['method']} {label}".strip() + scheme
 
 
 class Styles:
@@ -101,6 +105,20 @@ class Styles:
         run = self.runs.index(run_label) if run_label in self.runs else 0
         variant = RUN_SYMBOL_VARIANTS[run % len(RUN_SYMBOL_VARIANTS)]
         return SYMBOLS[self._cache_rank(cache_size) % len(SYMBOLS)] + variant
+
+    def scheme_dash(self, cache_size, run_label=None, scheme=None) -> str:
+        """The dash of a quality series: the cache's, or a fine dotted one of its own under original positions."""
+        if scheme != "original":
+            return self.dash(cache_size, run_label)
+        run = self.runs.index(run_label) if run_label in self.runs else 0
+        return f"{2 + self._cache_rank(cache_size)}px,{2 + run}px"
+
+    def scheme_symbol(self, cache_size, run_label=None, scheme=None) -> str:
+        if scheme != "original":
+            return self.symbol(cache_size, run_label)
+        run = self.runs.index(run_label) if run_label in self.runs else 0
+        return (ORIGINAL_SYMBOLS[self._cache_rank(cache_size) % len(ORIGINAL_SYMBOLS)]
+                + RUN_SYMBOL_VARIANTS[run % len(RUN_SYMBOL_VARIANTS)])
 
     def pattern(self, run_label) -> str:
         """Bars of one method in a comparison: the run is the fill pattern."""
@@ -318,16 +336,33 @@ def _quality(run: Run, experiment: str | None = None):
     return [r for r in recs if experiment in (r.get("experiments") or [])]
 
 
+def _first(rec) -> int:
+    """The stream index `nll[0]` predicts: `start`, or 1 for records before quality at a length existed."""
+    return rec.get("start") or 1
+
+
+def _shortest(recs):
+    """Quality at several lengths: the shortest length's records (the per-token view; the longer ones are points of
+    the perplexity-by-length figure). Records without a length range (older runs, the paper experiment) all stay."""
+    lengths = [r["length"] for r in recs if r.get("start") is not None]
+    return [r for r in recs if r.get("start") is None or r["length"] == min(lengths)]
+
+
 def fig_ppl_by_position(runs):
     import plotly.graph_objects as go
 
     styles = Styles(runs)
     fig = go.Figure()
     pretraining, caches, bin_widths = set(), set(), set()
+    ends = []
     for label, run in runs:
-        for rec in sorted(_quality(run), key=lambda r: (styles.rank(r["method"]), r.get("cache_size") or 0)):
+        recs = _shortest(_quality(run))
+        for rec in sorted(recs, key=lambda r: (styles.rank(r["method"]), r.get("cache_size") or 0,
+                                               r.get("position_scheme") or "")):
             name = series_name(rec) + _run_suffix(runs, label)
             method, cache_size = rec["method"], rec.get("cache_size")
+            first = _first(rec)
+            ends.append(first + len(rec["nll"]))
             nll = np.array([np.nan if v is None else v for v in rec["nll"]], dtype=float)
             if rec.get("pretraining_length"):
                 pretraining.add(rec["pretraining_length"])
@@ -345,7 +380,7 @@ def fig_ppl_by_position(runs):
                     if part.size:
                         half = 1.96 * float(part.std(ddof=1)) / math.sqrt(part.size) if part.size > 1 else 0.0
                         span = min(width, len(nll) - start)
-                        bins.append((start + span / 2 + 1, float(part.mean()), part.size, half))
+                        bins.append((start + span / 2 + first, float(part.mean()), part.size, half))
                 fig.add_trace(series_trace(
                     styles, method=method, cache_size=cache_size, run_label=label, x=[b[0] for b in bins],
                     y=[b[1] for b in bins],
@@ -360,16 +395,17 @@ def fig_ppl_by_position(runs):
             rolling = np.convolve(np.nan_to_num(nll), kernel, mode="valid")
             # A point every few tokens is all a screen shows; it keeps a 20k-token report small.
             stride = max(1, len(rolling) // MAX_POINTS)
-            fig.add_trace(go.Scatter(x0=window + 1, dx=stride, y=np.round(rolling[::stride], 4), mode="lines",
+            fig.add_trace(go.Scatter(x0=window + first, dx=stride, y=np.round(rolling[::stride], 4), mode="lines",
                                      name=esc(name), meta={"y": "quality.nll rolling mean", "window": window,
                                                            "stride": stride, "decimals": 4},
-                                     line=dict(color=styles.color(method), dash=styles.dash(cache_size, label),
+                                     line=dict(color=styles.color(method),
+                                               dash=styles.scheme_dash(cache_size, label, rec.get("position_scheme")),
                                                width=styles.width(method) / 2 + 0.75),
                                      hovertemplate="token %{x:,}<br>log PPL %{y:.3f}<extra>" + esc(name)
                                                    + "</extra>"))
     if not fig.data:
         return None
-    longest = max(len(r["nll"]) for _, run in runs for r in _quality(run)) + 1
+    longest = max(ends)
     beyond = []
     for length in sorted(pretraining):
         if length <= 2 * longest:
@@ -397,10 +433,11 @@ def fig_ppl_bars(runs):
     styles = Styles(runs)
     fig = go.Figure()
     for label, run in runs:
-        recs = sorted(_quality(run), key=lambda r: (styles.rank(r["method"]), r.get("cache_size") or 0))
+        recs = sorted(_quality(run), key=lambda r: (r.get("length") if r.get("start") is not None else 0,
+                                                    styles.rank(r["method"]), r.get("cache_size") or 0))
         if not recs:
             continue
-        names = [series_name(r) for r in recs]
+        names = [series_name(r) + (f" @ {r['length']:,}" if r.get("start") is not None else "") for r in recs]
         ppl = [r["ppl"] for r in recs]
         whole = [r.get("ppl_ci95") if r.get("ppl_ci95") and None not in r["ppl_ci95"] else None for r in recs]
         upper = [(ci[1] - r["ppl"]) if ci else 0 for ci, r in zip(whole, recs)]
@@ -418,6 +455,58 @@ def fig_ppl_bars(runs):
     fig.update_xaxes(title_text="method")
     fig.update_layout(title="Perplexity per method over the first tokens of the text", barmode="group",
                       showlegend=len(runs) > 1)
+    return fig
+
+
+def fig_ppl_at_length(runs):
+    """Quality at each length asked: a method's PPL over the tokens ending at L against L, on a log axis out to the
+    longest stream, per method, cache and position scheme; a sampled method with its 95% interval. A record that
+    did not run (dense past memory) is a note, not a point."""
+    import plotly.graph_objects as go
+
+    styles = Styles(runs)
+    fig = go.Figure()
+    lengths, notes, pretraining = set(), [], set()
+    for label, run in runs:
+        recs = [r for r in run.records if r.get("record") == "quality" and r.get("start") is not None
+                and not r.get("experiments")]
+        for r in recs:
+            if r.get("status") != "ok":
+                notes.append(f"{series_name(r)} @ {r['length']:,}: {r.get('error') or r.get('status')}"
+                             + _run_suffix(runs, label))
+        series = {}
+        for r in recs:
+            if r.get("status") == "ok":
+                series.setdefault((r["method"], r.get("cache_size"), r.get("position_scheme")), []).append(r)
+        for (method, cache_size, scheme), group in sorted(
+                series.items(), key=lambda kv: (styles.rank(kv[0][0]), kv[0][1] or 0, kv[0][2] or "")):
+            group = sorted(group, key=lambda r: r["length"])
+            lengths.update(r["length"] for r in group)
+            pretraining.update(r["pretraining_length"] for r in group if r.get("pretraining_length"))
+            ys = [r["ppl"] for r in group]
+            up = [(r["ppl_ci95"][1] - r["ppl"]) if r.get("ppl_ci95") else 0 for r in group]
+            down = [(r["ppl"] - r["ppl_ci95"][0]) if r.get("ppl_ci95") else 0 for r in group]
+            trace = series_trace(
+                styles, method=method, cache_size=cache_size, run_label=label, x=[r["length"] for r in group], y=ys,
+                name=series_name(group[0]) + _run_suffix(runs, label), derived="quality.ppl",
+                symbols=styles.scheme_symbol(cache_size, label, scheme),
+                error_y=dict(type="data", symmetric=False, array=up, arrayminus=down) if any(up) else None,
+                customdata=[[quality_range_text(r), quality_note(r)] for r in group],
+                hovertemplate="tokens %{customdata[0]} of the stream<br>PPL %{y:.3f} (%{customdata[1]})<extra>"
+                              + esc(series_name(group[0])) + "</extra>")
+            trace.line.dash = styles.scheme_dash(cache_size, label, scheme)
+            fig.add_trace(trace)
+    if not fig.data:
+        return None
+    for length in sorted(pretraining):
+        if min(lengths) / 2 <= length <= 2 * max(lengths):
+            fig.add_vline(x=length, line=dict(color="#555", dash="dash"),
+                          annotation_text=f"pre-training length {length:,}")
+    fig.update_xaxes(title_text="stream length L (PPL of the tokens ending at L)", **_log_ticks(lengths))
+    fig.update_yaxes(type="log", title_text="perplexity")
+    subtitle = "; ".join(notes)
+    fig.update_layout(title="Perplexity at each stream length (exact for sink and window at any length)"
+                            + (f"<br><sup>{esc(subtitle)}</sup>" if subtitle else ""))
     return fig
 
 
@@ -634,6 +723,7 @@ FIGURES = [
     ("throughput", fig_throughput_vs_length),
     ("memory", fig_memory_vs_length),
     ("kv", fig_kv_vs_length),
+    ("ppl-length", fig_ppl_at_length),
     ("ppl-position", fig_ppl_by_position),
     ("ppl", fig_ppl_bars),
     ("profile", fig_profile),
@@ -705,22 +795,25 @@ def quality_table(runs) -> str:
         for q in run.records:
             if q.get("record") != "quality":
                 continue
+            first = (f"<td>{esc(label)}</td><td>{esc(q['method'])}</td><td>{esc(cache_label(q))}</td>"
+                     f"<td>{'–' if q.get('start') is None else format(q['length'], ',')}</td>"
+                     f"<td>{esc(quality_range_text(q))}</td><td>{esc(q.get('position_scheme') or '–')}</td>")
             if q.get("status") != "ok":
-                rows.append(f"<tr class='oom'><td>{esc(label)}</td><td>{esc(q['method'])}</td>"
-                            f"<td>{esc(cache_label(q))}</td><td colspan='4'>{esc(q.get('error'))}</td></tr>")
+                rows.append(f"<tr class='oom'>{first}<td colspan='4'>{esc(q.get('error'))}</td></tr>")
                 continue
             ci = q.get("ppl_ci95")
             interval = f"{_ppl(ci[0])} – {_ppl(ci[1])}" if ci else "–"
-            note = f"sampled at {q.get('sample_size')} positions" if q.get("sampled") else "every token"
-            rows.append(f"<tr><td>{esc(label)}</td><td>{esc(q['method'])}</td><td>{esc(cache_label(q))}</td>"
-                        f"<td>{q['tokens']:,}</td><td>{esc(_ppl(q['ppl']))}</td>"
-                        f"<td>{esc(interval)}</td><td>{esc(note)}</td></tr>")
+            rows.append(f"<tr>{first}<td>{esc(_ppl(q['ppl']))}</td><td>{esc(interval)}</td>"
+                        f"<td>{esc(ratio_text(q) or '–')}</td><td>{esc(quality_note(q))}</td></tr>")
     if not rows:
         return ""
-    return ("<h2>Perplexity</h2><p>Per-token NLL of each method over the first tokens of the text, as PPL; the "
-            "interval is the 95% confidence interval where positions were sampled.</p>"
-            "<table class='quality'><thead><tr><th>run</th><th>method</th><th>cache</th><th>tokens</th><th>PPL</th>"
-            "<th>95% CI</th><th>note</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    return ("<h2>Perplexity</h2><p>Per-token NLL of each method as PPL, over the predicted tokens [start, end) of the "
+            "stream (at a length L: the tokens ending at L; runs before that: the text's first tokens). The interval "
+            "is the 95% confidence interval where positions were sampled; the paired ratio is sink's PPL over "
+            "recompute's at the same sampled tokens, with its 95% interval.</p>"
+            "<table class='quality'><thead><tr><th>run</th><th>method</th><th>cache</th><th>length</th>"
+            "<th>tokens</th><th>positions</th><th>PPL</th><th>95% CI</th><th>paired ratio</th><th>note</th></tr>"
+            "</thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
 def _cell_key(c) -> tuple:

@@ -38,11 +38,12 @@ def cache_label(rec: dict) -> str:
 
 
 def record_key(rec: dict) -> tuple:
-    """What identifies a record across a resume: its kind, method, capacity (`cache_size`), stream length, mode and
-    sinks. The one definition: the drivers ask `RunWriter.done` with the first fields of the record they would
-    write, so the two always agree."""
+    """What identifies a record across a resume: its kind, method, capacity (`cache_size`), stream length, mode,
+    sinks and position scheme (quality at a length: "in-cache" or "original"; None where a record has none, as every
+    record before the scheme existed). The one definition: the drivers ask `RunWriter.done` with the first fields of
+    the record they would write, so the two always agree."""
     return (rec.get("record"), rec.get("method"), rec.get("cache_size"), rec.get("length"), rec.get("mode"),
-            rec.get("sinks") or 0)
+            rec.get("sinks") or 0, rec.get("position_scheme"))
 
 
 def check_version(rec: dict, where: str) -> None:

@@ -68,18 +68,47 @@ def cells_table(records: list[dict]) -> Table:
     return table
 
 
+def quality_range_text(rec: dict) -> str:
+    """The predicted tokens a quality record covers, 0-based half-open; records without `start` (before quality at
+    a length existed) covered the text's first `tokens` tokens, predicting 1..tokens-1."""
+    if rec.get("start") is None:
+        return f"1-{rec.get('tokens') or 0:,}"
+    return f"{rec['start']:,}-{rec['end']:,}"
+
+
+def ratio_text(rec: dict) -> str:
+    """The paired ratio of a recompute record: "sink / recompute 1.023 (0.991-1.056)"."""
+    if rec.get("ratio") is None:
+        return ""
+    ci = rec.get("ratio_ci95")
+    interval = f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    return f"{rec.get('ratio_to')} / recompute {rec['ratio']:.3f}{interval}"
+
+
+def quality_note(rec: dict) -> str:
+    note = f"sampled at {rec['sample_size']:,} positions" if rec.get("sampled") else "every token"
+    if rec.get("evaluator") == "token-by-token":
+        note += ", token by token"
+    return note
+
+
 def quality_table(records: list[dict]) -> Table:
-    table = _table("quality: perplexity over the first tokens of the text",
-                   ("method", "cache", "tokens", "PPL", "95% CI", "note"), ("method", "note"))
-    for rec in (r for r in records if r.get("record") == "quality"):
+    recs = [r for r in records if r.get("record") == "quality"]
+    at_length = any(r.get("start") is not None for r in recs)
+    title = ("quality: perplexity of the tokens [start, end) ending at each stream length" if at_length else
+             "quality: perplexity over the first tokens of the text")
+    columns = ("method", "cache", "length", "tokens", "positions", "PPL", "95% CI", "paired ratio", "note")
+    table = _table(title, columns, ("method", "positions", "paired ratio", "note"))
+    for rec in recs:
         cache = cache_label(rec) or "-"
+        length = f"{rec['length']:,}" if rec.get("start") is not None else "-"
+        first = [rec["method"], cache, length, quality_range_text(rec), rec.get("position_scheme") or "-"]
         if rec.get("status") != "ok":
-            table.add_row(rec["method"], cache, f"{rec.get('tokens') or 0:,}", "-", "-", rec.get("error", ""))
+            table.add_row(*first, "-", "-", "-", rec.get("error", ""))
             continue
         ci = rec.get("ppl_ci95")
-        note = f"sampled at {rec['sample_size']} positions" if rec.get("sampled") else "every token"
-        table.add_row(rec["method"], cache, f"{rec['tokens']:,}", _ppl(rec["ppl"]),
-                      f"{_ppl(ci[0])}-{_ppl(ci[1])}" if ci else "-", note)
+        table.add_row(*first, _ppl(rec["ppl"]), f"{_ppl(ci[0])}-{_ppl(ci[1])}" if ci else "-",
+                      ratio_text(rec) or "-", quality_note(rec))
     return table
 
 
