@@ -79,12 +79,13 @@ def test_resume_says_how_much_was_done_before_the_bar(tiny_model_dir, text_file,
     assert run_cli(args, capsys)[0] == 0
     lines = (out / "results.jsonl").read_text().splitlines()
     kinds = [json.loads(line)["record"] for line in lines]
-    assert kinds == ["cell"] * 8 + ["quality"] * 2  # 2 lengths x 2 capacities x 2 methods, then 2 passes
+    # 2 lengths x 2 capacities x 2 methods, then sink and window quality at each of the 2 lengths
+    assert kinds == ["cell"] * 8 + ["quality"] * 4
     (out / "results.jsonl").write_text("\n".join(lines[:5]) + "\n")  # as if stopped after 5 cells
     code, _, stderr = run_cli([*args, "--resume"], capsys)
     assert code == 0, stderr
-    assert "resuming: 5 of 8 cells already done, 0 of 2 quality passes; 5 items to run" in stderr
-    assert len(read_records(out)) == 10
+    assert "resuming: 5 of 8 cells already done, 0 of 4 quality passes; 7 items to run" in stderr
+    assert len(read_records(out)) == 12
 
 
 def test_dense_that_would_not_fit_is_recorded_as_oom(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
