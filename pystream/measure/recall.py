@@ -180,8 +180,9 @@ def branch_nll(feeder, text_ids: np.ndarray, passage: Passage, distances, *, chu
                                                               base[a_row + 1:b_row + 1].to(logits.device))
             last_row = logits[-1:]
     position = 0
-    if skip_to:
+    if skip_to and sinks:
         feeder.feed(base[:sinks], first_token=0)
+    if skip_to:
         position = skip_to
     if p - 1 < position:
         raise ValueError(f"the first copy at {p} starts before the stream is exact (token {position})")
