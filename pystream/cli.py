@@ -147,9 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model folder or hub id to run its own code (off by default)")
     exp = p.add_argument_group("the paper's experiments (--experiment paper)")
-    exp.add_argument("--experiment", choices=("paper",), default=None,
-                     help="instead of cells: reproduce the paper's findings (perplexity past the pre-training "
-                          "window, number of sinks, cache size, where attention goes, long-stream stability)")
+    exp.add_argument("--experiment", choices=("paper", "recall"), default=None,
+                     help="instead of cells: paper reproduces the paper's findings (perplexity past the "
+                          "pre-training window, number of sinks, cache size, where attention goes, long-stream "
+                          "stability); recall measures what each method remembers: recall of a planted random "
+                          "passage against the distance to its repeat, at --cache-sizes")
     exp.add_argument("--parts", default="ppl,sinks,cache,attention,stability",
                      help="which findings (default all): ppl, sinks, cache, attention, stability")
     exp.add_argument("--experiment-tokens", default="12k",
@@ -160,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--stability-tokens", default=None,
                      help="stream a separate sink stream this long for stability (for example 1M); default: "
                           "analyse the ppl stream")
+    rec = p.add_argument_group("what each method remembers (--experiment recall)")
+    rec.add_argument("--recall-methods", default="dense,dense-pi:2,dense-ntk:2,dense-yarn:2,sink,window,recompute",
+                     help="methods probed (default: dense, the three RoPE-scaled baselines at 2x, sink and window in "
+                          "both position schemes, recompute)")
+    rec.add_argument("--recall-distances", default="16,64,256,1024,4096,10240",
+                     help="tokens of text between the passage and its repeat (default 16,64,256,1024,4096,10240)")
+    rec.add_argument("--recall-passages", type=int, default=3,
+                     help="passages per distance, each its own seed, text and stream position (default 3)")
+    rec.add_argument("--passage-tokens", type=int, default=64, help="random tokens per passage (default 64)")
+    rec.add_argument("--far-position", default="32k",
+                     help="stream position of the far probe's passage (sink and window, smallest cache; "
+                          "default 32k)")
+    rec.add_argument("--recall-probes", default="distance,far,placement",
+                     help="distance (recall against distance), far (deep into a stream), placement (first copy "
+                          "at the start, middle or end of what the cache holds); default all")
     run = p.add_argument_group("how to run")
     run.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -230,6 +247,12 @@ class RunConfig:
     ray_cpus: int | None = None
     ray_gpus: int | None = None
     position_schemes: tuple[str, ...] = ("in-cache",)
+    recall_methods: tuple[str, ...] | None = None
+    recall_distances: tuple[int, ...] | None = None
+    recall_passages: int | None = None
+    passage_tokens: int | None = None
+    far_position: int | None = None
+    recall_probes: tuple[str, ...] | None = None
     argv: tuple[str, ...] | None = None  # the command line as given (None: sys.argv), for run.json and resuming
 
 
@@ -256,7 +279,11 @@ def validate(args, argv=None) -> RunConfig:
         value = threads if name == "threads" else getattr(args, name)
         if value is not None and not minimum <= value <= maximum:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum} and <= {maximum:,}, got {value}")
-    experiment = _validate_experiment(args) if args.experiment else {}
+    experiment = {}
+    if args.experiment == "paper":
+        experiment = _validate_experiment(args)
+    elif args.experiment == "recall":
+        experiment = _validate_recall(args, cache_sizes)
     if "sink" in methods:
         small = [c for c in cache_sizes if c <= args.sinks]
         if small:
@@ -340,6 +367,31 @@ def _validate_experiment(args) -> dict:
     return values
 
 
+def _validate_recall(args, cache_sizes) -> dict:
+    from .measure.cells import METHODS, is_dense
+    from .measure.recall import PROBES
+
+    methods = [m.strip() for m in args.recall_methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS and not is_dense(m)]
+    if unknown or not methods:
+        raise UsageError(f"--recall-methods: unknown method {unknown[0] if unknown else args.recall_methods!r}; "
+                         f"choose from {', '.join(METHODS)}, dense-pi:F, dense-ntk:F, dense-yarn:F")
+    distances = parse_list(args.recall_distances, "--recall-distances", parse_size)
+    probes = [p.strip() for p in args.recall_probes.split(",") if p.strip()]
+    if not probes or any(p not in PROBES for p in probes):
+        raise UsageError(f"--recall-probes: choose from {', '.join(PROBES)}")
+    if not 2 <= args.recall_passages <= 10_000:
+        raise UsageError("--recall-passages must be >= 2 (the interval is over passages) and <= 10,000, "
+                         f"got {args.recall_passages}")
+    if not 2 <= args.passage_tokens <= MAX_CAPACITY:
+        raise UsageError(f"--passage-tokens must be >= 2 and <= {MAX_CAPACITY:,}, got {args.passage_tokens}")
+    if "sink" in methods and any(c <= args.sinks for c in cache_sizes):
+        raise UsageError(f"--cache-sizes: every size must be larger than --sinks {args.sinks}")
+    return {"recall_methods": tuple(dict.fromkeys(methods)), "recall_distances": tuple(sorted(set(distances))),
+            "recall_passages": args.recall_passages, "passage_tokens": args.passage_tokens,
+            "far_position": parse_size(args.far_position, "--far-position"), "recall_probes": tuple(probes)}
+
+
 def check_out_dir(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
@@ -398,7 +450,11 @@ def run_metadata(config: RunConfig, loaded, text, n_tokens) -> dict:
             "threads": config.threads, "seed": config.seed, "profile": config.profile,
             "experiment": config.experiment, "parts": None if config.parts is None else list(config.parts),
             "experiment_tokens": config.experiment_tokens,
-            "experiment_cache": config.experiment_cache if config.experiment else None,
+            "experiment_cache": config.experiment_cache if config.experiment == "paper" else None,
+            **({"recall_methods": list(config.recall_methods), "recall_distances": list(config.recall_distances),
+                "recall_passages": config.recall_passages, "passage_tokens": config.passage_tokens,
+                "far_position": config.far_position, "recall_probes": list(config.recall_probes)}
+               if config.experiment == "recall" else {}),
         },
         "versions": {"pystream": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "numpy": numpy.__version__, "python": platform.python_version()},
@@ -567,6 +623,38 @@ def _run_on_cluster(config: RunConfig, bench, cluster, writer, console, out_cons
     return 0
 
 
+def _run_recall(config: RunConfig, loaded, ids, writer, console, out_console) -> int:
+    from rich.table import Table
+
+    from .measure.recall import RecallConfig, RecallExperiment
+
+    cfg = RecallConfig(passage_tokens=config.passage_tokens, distances=config.recall_distances,
+                       passages=config.recall_passages, methods=config.recall_methods,
+                       cache_sizes=config.cache_sizes, sinks=config.sinks, probes=config.recall_probes,
+                       far_position=config.far_position, seed=config.seed)
+    progress = make_progress(console)
+    started = time.perf_counter()
+    with saving_on_interrupt(writer, console, config.out, config.argv) as interrupted, progress:
+        RecallExperiment(cfg, loaded.model, ids, writer, progress).run()
+    if interrupted:
+        return 130
+    recs = [r for r in writer.records if r.get("record") == "recall" and r.get("probe") == "distance"]
+    curves = sorted({(r["method"], r.get("cache_size") or 0, r.get("position_scheme") or "") for r in recs})
+    table = Table(title=f"recall against distance on {loaded.name} (1 = remembered, 0 = unseen)",
+                  title_justify="left")
+    table.add_column("method")
+    for d in cfg.distances:
+        table.add_column(f"{d:,}", justify="right")
+    for method, cache, scheme in curves:
+        by = {r["distance"]: r["recall"] for r in recs
+              if (r["method"], r.get("cache_size") or 0, r.get("position_scheme") or "") == (method, cache, scheme)}
+        name = " ".join(str(x) for x in (method, cache or "", scheme) if x)
+        table.add_row(name, *("-" if by.get(d) is None else f"{by[d]:.2f}" for d in cfg.distances))
+    out_console.print(table)
+    console.print(f"experiment finished in {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
 def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console, cluster=None) -> int:
     from .measure.eta import plan_bench
     from .measure.runner import Bench, BenchConfig
@@ -714,7 +802,8 @@ def run(config: RunConfig) -> int:
         except ResultsError as err:
             raise UsageError(str(err)) from None
         if config.experiment:
-            code = _run_experiment(config, loaded, ids, writer, console, out_console)
+            measure = {"paper": _run_experiment, "recall": _run_recall}[config.experiment]
+            code = measure(config, loaded, ids, writer, console, out_console)
         else:
             code = _run_bench(config, loaded, ids, writer, console, out_console, cluster)
     finally:

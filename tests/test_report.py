@@ -236,6 +236,7 @@ DERIVATIONS = {
                                                if b.get("ppl")],
     "quality.nll rolling mean": _rolling,
     "quality.nll bin mean": _bin_means,
+    "recall.recall": lambda recs, meta: [r["recall"] for r in _ok(recs, "recall")],
 }
 for _part in ("model_ms", "cache_update_ms", "bookkeeping_ms", "rerotate_ms", "logits_ms", "other_ms"):
     DERIVATIONS[f"cell.profile.ms_per_step.{_part}"] = (

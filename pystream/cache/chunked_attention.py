@@ -153,6 +153,17 @@ class ChunkedStream:
         self._layers = [_Layer() for _ in range(self.num_layers)]
         self._chunk = None
 
+    def snapshot(self) -> tuple:
+        """The stream's state, to `restore` later (to branch a stream: feed a probe, then go back). Cheap: a chunk
+        never writes into a stored tensor (it stores new ones), so the state holds references, not copies."""
+        layers = tuple((l.sink_k, l.sink_v, l.win_k, l.win_v) for l in self._layers)
+        return (self.next_token, self.base, self.win_count, self.win_bases, self.rebases, layers)
+
+    def restore(self, state: tuple) -> None:
+        self.next_token, self.base, self.win_count, self.win_bases, self.rebases, layers = state
+        for layer, (sk, sv, wk, wv) in zip(self._layers, layers):
+            layer.sink_k, layer.sink_v, layer.win_k, layer.win_v = sk, sv, wk, wv
+
     @property
     def carried(self) -> int:
         """Window keys carried into the next chunk (at most `window - 1`)."""

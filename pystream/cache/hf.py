@@ -424,6 +424,16 @@ def dense_cache(config, *, profiled: bool = False) -> DynamicCache:
     return (ProfiledDynamicCache if profiled else DynamicCache)(config=config)
 
 
+def dense_truncate(cache: DynamicCache, length: int) -> None:
+    """Drop every token of a dense cache after its first `length` (to branch a stream and come back).
+    transformers 5's `crop` takes the count to remove, as a negative number."""
+    extra = cache.get_seq_length() - int(length)
+    if extra < 0:
+        raise ValueError(f"the cache holds {cache.get_seq_length()} tokens, fewer than {length}")
+    if extra:
+        cache.crop(-extra)
+
+
 def dense_layers(cache: DynamicCache) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
     """(keys, values) of every layer of a dense cache (None before the layer's first update)."""
     return [(layer.keys, layer.values) for layer in cache.layers]
