@@ -293,7 +293,7 @@ class RecallExperiment:
     def _identity(self, s: Setting, probe: str, distance: int, placement: str | None = None) -> dict:
         mode = f"recall-{probe}" + (f":{placement}" if placement else "") + f"/{s.position_scheme or '-'}"
         return {"record": "recall", "method": s.method, "cache_size": s.cache_size, "sinks": s.sinks,
-                "length": distance, "mode": mode}
+                "length": distance, "mode": mode, "position_scheme": s.position_scheme}
 
     def _placements(self, s: Setting) -> dict[int, list[str]]:
         """{distance: [placement, ...]} for this setting: its own window, or every cache size's for dense."""
@@ -343,8 +343,7 @@ class RecallExperiment:
 
     def _record(self, s: Setting, probe: str, d: int, passages, first, repeat, placement=None, window=None) -> dict:
         P = self.cfg.passage_tokens
-        rec = {**self._identity(s, probe, d, placement), "status": "ok", "probe": probe,
-               "position_scheme": s.position_scheme, "distance": d, "passage_tokens": P,
+        rec = {**self._identity(s, probe, d, placement), "status": "ok", "probe": probe, "distance": d, "passage_tokens": P,
                "passages": len(passages), "positions": [p.position for p in passages],
                "text_offsets": [p.text_offset for p in passages], "passage_seeds": [p.seed for p in passages],
                "layout": {"first_copy": "[position, position + P)",
