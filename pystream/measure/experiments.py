@@ -53,6 +53,17 @@ class PaperConfig:
     checkpoint_every_s: float = 120.0
 
 
+def _remove_checkpoints(folder: Path | None) -> None:
+    """A finished stream's checkpoints go, and checkpoints/ with the last of them (as in pystream-bench runs)."""
+    if folder is None or not folder.exists():
+        return
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    with contextlib.suppress(OSError):  # other streams' checkpoints are still there
+        folder.parent.rmdir()
+
+
 class PaperExperiment:
     def __init__(self, cfg: PaperConfig, model, ids: np.ndarray, writer, progress, device, run_dir: Path | None):
         self.cfg, self.model, self.writer, self.progress = cfg, model, writer, progress
@@ -115,12 +126,7 @@ class PaperExperiment:
                         last_save = time.monotonic()
         finally:
             self.progress.remove_task(task)
-        if folder is not None and folder.exists():
-            for path in folder.iterdir():
-                path.unlink()
-            folder.rmdir()
-            with contextlib.suppress(OSError):  # the last stream's checkpoints/ goes too, as in pystream-bench runs
-                folder.parent.rmdir()
+        _remove_checkpoints(folder)
         return nll
 
     # ---- parts -----------------------------------------------------------------------------------------------------
@@ -250,10 +256,7 @@ class PaperExperiment:
                 self.progress.advance(task, b - a)
         finally:
             self.progress.remove_task(task)
-        if folder is not None and folder.exists():
-            for path in folder.iterdir():
-                path.unlink()
-            folder.rmdir()
+        _remove_checkpoints(folder)
         rec = {**key, "status": "ok", "tokens": tokens, "sampled": False, "experiments": ["stability"],
                "evaluator": "chunked", "start": 1, "end": tokens,
                **summarise(nll, sampled=False, bucket_tokens=cfg.stability_chunk),
