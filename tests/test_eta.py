@@ -134,8 +134,6 @@ def test_resume_counts_and_the_bar_starts_at_the_remaining_work():
 
 @pytest.fixture(scope="module")
 def bench():
-    import torch
-
     from conftest import tiny_model
     from pystream.measure.runner import Bench, BenchConfig
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_records, run_cli, save_tiny_model, tiny_args
+from conftest import read_records, run_cli, tiny_args
 
 LENGTHS = (100, 1024)
 PPL_TOKENS = 120

@@ -86,7 +86,7 @@ def check_chunkable(model) -> None:
         raise UnsupportedModelError(
             f"model type {model.config.model_type!r} computes its ALiBi attention in its own code, outside "
             "transformers' attention registry, so the chunked evaluator cannot serve it: evaluate it token by token "
-            "(pystream.quality.nll_streaming)"
+            "(pystream.measure.quality.nll_streaming)"
         )
 
 

@@ -1,6 +1,6 @@
 """The method registry: each method of `pystream-bench` is an object that puts a model in the state a stream of L
-tokens leaves, times its decode steps there, and measures its per-token NLL. `REGISTRY` maps the method names to
-them; `method(name)` also resolves the context-extension baselines `dense-pi:F`, `dense-ntk:F`, `dense-yarn:F`.
+tokens leaves and times its decode steps there (quality, per-token NLL at each length, is `quality_at.py`'s).
+`REGISTRY` maps the method names to them; `method(name)` also resolves the context-extension baselines `dense-pi:F`, `dense-ntk:F`, `dense-yarn:F`.
 
 Methods are settings of a few mechanisms, as in attention_sinks: "sink" is a streaming cache of capacity C with S
 sinks, "window" the same with none (the paper's window attention), "dense" transformers' DynamicCache, "recompute"
@@ -10,19 +10,15 @@ runs the model on the last C tokens (its context) from scratch for every new tok
 from __future__ import annotations
 
 import contextlib
-import random
 import re
 import time
 
-import numpy as np
 import torch
 
-from ..cache.batch import StreamBatch
 from ..cache.hf import decode_attention_mask, dense_cache, dense_kv_bytes, rope_scaled, streaming_cache
 from ..cache.streaming import prefill
 from . import clocks
 from .baselines import recompute_logits
-from .quality import nll_dense, nll_recompute, nll_streaming, stream_batch_nll_step
 
 # Dense attention with the model's RoPE scaled to a longer window (transformers' own rope scaling types):
 # "dense-pi:4" (linear position interpolation), "dense-ntk:4" (dynamic NTK), "dense-yarn:4" (YaRN).
@@ -56,10 +52,6 @@ class CellMethod:
     def time_cell(self, bench, capacity: int | None, length: int) -> dict:
         """Reach the state of a stream of `length` tokens and time decode steps there: {latencies_ms, kv_bytes,
         setup_s, ...}."""
-        raise NotImplementedError
-
-    def nll(self, bench, capacity: int | None, x: torch.Tensor, progress) -> tuple[np.ndarray, dict]:
-        """Per-token NLL over `x` and the fields that describe how it was measured."""
         raise NotImplementedError
 
 
@@ -121,24 +113,6 @@ class StreamingMethod(CellMethod):
             result["profile"] = bench.profile(step, length + bench.cfg.warmup + bench.cfg.steps, label, cache)
         return result
 
-    def nll(self, bench, capacity, x, progress):
-        """Token by token. When both sink and window are asked for, they stream together as one batch of two (one
-        forward per token for both); the other one's result is kept for its turn."""
-        key = (self.name, capacity, x.shape[0])
-        if key in bench.streamed:
-            return bench.streamed.pop(key), {}
-        together = [m for m in (SINK, WINDOW) if m.name in bench.cfg.methods]
-        if len(together) < 2:
-            return nll_streaming(bench.model, self.build(bench, capacity), x, on_step=progress), {}
-        n = x.shape[0]
-        batch = StreamBatch([m.build(bench, capacity) for m in together])
-        out = np.full((len(together), n - 1), np.nan)
-        with torch.inference_mode():
-            for t in range(n - 1):
-                out[:, t] = stream_batch_nll_step(bench.model, batch, x[t], x[t + 1])
-                progress(t)
-        bench.streamed = {(m.name, capacity, n): out[i] for i, m in enumerate(together) if m is not self}
-        return out[together.index(self)], {}
 
 
 class DenseMethod(CellMethod):
@@ -183,9 +157,6 @@ class DenseMethod(CellMethod):
             result["profile"] = bench.profile(step, length + bench.cfg.warmup + bench.cfg.steps, f"dense @ {length:,}")
         return result
 
-    def nll(self, bench, capacity, x, progress):
-        with self.context(bench):
-            return nll_dense(bench.model, x, on_step=progress), {}
 
 
 class RecomputeMethod(CellMethod):
@@ -216,15 +187,6 @@ class RecomputeMethod(CellMethod):
                                               f"recompute {context} @ {length:,}")
         return result
 
-    def nll(self, bench, context, x, progress):
-        cfg, n = bench.cfg, x.shape[0]
-        sample = cfg.recompute_ppl == "sample" or (cfg.recompute_ppl == "auto" and bench.device.type == "cpu")
-        positions, fields = None, {"sampled": False, "sample_size": None}
-        if sample and cfg.recompute_samples < n - 1:
-            positions = sorted(random.Random(cfg.seed).sample(range(n - 1), cfg.recompute_samples))
-            fields = {"sampled": True, "sample_size": len(positions)}
-            progress = progress.counting(len(positions))
-        return nll_recompute(bench.model, x, context, positions, on_step=progress), fields
 
 
 SINK, WINDOW = StreamingMethod("sink"), StreamingMethod("window")

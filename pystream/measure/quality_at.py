@@ -137,7 +137,7 @@ def run_quality(bench, item: QualityItem, records: list[dict]) -> dict:
         # any allocator failure is an oom record, on CPU as on CUDA, and the run goes on
         if not clocks.is_allocation_failure(err):
             raise
-        bench._free()
+        bench.free_memory()
         fields = dict(status="oom", error=clocks.oom_message(err))
     finally:
         bench.progress.remove_task(task)

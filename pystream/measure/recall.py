@@ -104,7 +104,7 @@ def text_tokens(text_ids: np.ndarray, offset: int, count: int) -> torch.Tensor:
 
 def probe_stream(text_ids: np.ndarray, passage: Passage, distance: int) -> torch.Tensor:
     """The probe's token ids: text, first copy at `passage.position`, `distance` tokens of text, repeat."""
-    p, P = passage.position, passage.tokens.numel()
+    p = passage.position
     text = text_tokens(text_ids, passage.text_offset, p + distance)
     return torch.cat((text[:p], passage.tokens, text[p:], passage.tokens))
 

@@ -72,21 +72,6 @@ class TokenSource:
         return length > self.n
 
 
-class Tick:
-    """Progress of one task, called as `tick(i)` after index i; `counting(total)` counts calls instead (for a
-    sample of indices)."""
-
-    def __init__(self, progress, task, counter=None):
-        self.progress, self.task, self.counter = progress, task, counter
-
-    def __call__(self, i: int) -> None:
-        self.progress.update(self.task, completed=i + 1 if self.counter is None else next(self.counter))
-
-    def counting(self, total: int) -> "Tick":
-        self.progress.update(self.task, total=total)
-        return Tick(self.progress, self.task, iter(range(1, total + 1)))
-
-
 class Bench:
     def __init__(self, cfg: BenchConfig, model, ids: np.ndarray, progress, run_dir: Path | None = None):
         self.cfg = cfg
@@ -96,7 +81,6 @@ class Bench:
         self.tokens = TokenSource(ids, cfg.batch, self.device)
         self.progress = progress
         self.config = model.config
-        self.streamed: dict = {}  # quality NLL of a method streamed alongside another (see StreamingMethod.nll)
         self.dtype = next(model.parameters()).dtype
         self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.profiling = False
@@ -153,7 +137,7 @@ class Bench:
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
             if not clocks.is_allocation_failure(err):
                 raise
-            self._free()
+            self.free_memory()
             return dict(common, status="oom", error=clocks.oom_message(err))
         latencies = result.pop("latencies_ms")
         summary = clocks.latency_summary(latencies)
@@ -169,7 +153,7 @@ class Bench:
         if self.resumed_from_token:
             rec["resumed_from_token"] = self.resumed_from_token
         self._add_speedup(rec, done)
-        self._free()
+        self.free_memory()
         return rec
 
     def _add_speedup(self, rec: dict, done: list[dict]) -> None:
@@ -184,7 +168,7 @@ class Bench:
         else:
             rec["speedup_vs_recompute"] = 1.0 if rec["method"] == "recompute" else None
 
-    def _free(self):
+    def free_memory(self):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
