@@ -3,6 +3,8 @@ cover the tokens ending at each L, sink's PPL there equals token-by-token SinkCa
 (an oracle independent of the chunked evaluator) and a direct evaluator call, the paired recompute fields agree with
 the NLL they were computed from, dense past memory is a record of its need, ALiBi models stay token by token."""
 
+import contextlib
+import io
 import math
 
 import numpy as np
@@ -38,7 +40,14 @@ def at_lengths(tiny_model_dir, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("quality-at") / "run"
     args = tiny_args(tiny_model_dir, text_file, out, "--methods", "sink,window,recompute,dense", "--cache-sizes",
                      "16", "--position-schemes", "in-cache,original", "--ppl-tokens", str(PPL_TOKENS))
-    return out, args
+    # the run every test of this file reads, made here so that any one of them can run alone
+    from pystream.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main([str(a) for a in args])
+    assert code == 0, stderr.getvalue()
+    return out, args, stdout.getvalue()
 
 
 def test_quality_at_each_length_is_exact(at_lengths, tiny_model_dir, text_file, capsys):
@@ -46,9 +55,7 @@ def test_quality_at_each_length_is_exact(at_lengths, tiny_model_dir, text_file, 
     from pystream.measure.evaluator import stream_nll
     from pystream.measure.quality import nll_streaming
 
-    out, args = at_lengths
-    code, stdout, stderr = run_cli(args, capsys)
-    assert code == 0, stderr
+    out, args, stdout = at_lengths
     quality = {(r["method"], r["length"], r.get("position_scheme")): r for r in read_records(out)
                if r["record"] == "quality"}
     expected = {(m, n, s) for n in LENGTHS for m, s in (("sink", "in-cache"), ("sink", "original"),
@@ -86,7 +93,7 @@ def test_quality_at_each_length_is_exact(at_lengths, tiny_model_dir, text_file, 
 def test_recompute_is_paired_with_sink(at_lengths, tiny_model_dir, text_file):
     from pystream.measure.evaluator import recompute_nll_at
 
-    out, _ = at_lengths
+    out, _, _ = at_lengths
     quality = {(r["method"], r["length"], r.get("position_scheme")): r for r in read_records(out)
                if r["record"] == "quality"}
     model, ids = _model_and_ids(tiny_model_dir, text_file)
@@ -161,3 +168,24 @@ def test_alibi_models_stay_token_by_token(tmp_path, monkeypatch):
     short = quality_at._alibi_token_by_token(bench, _stream(torch.from_numpy(ids), 400), 4, 16, 340, 400,
                                              lambda *a: None)[0]
     assert np.abs(short - full[339:]).max() > 1e-3
+
+
+@pytest.mark.parametrize("methods, schemes, paired", [
+    (("sink", "window", "recompute"), ("original", "in-cache"), ("sink", "original")),
+    (("window", "recompute"), ("in-cache",), ("window", "in-cache")),
+    (("dense", "recompute"), ("in-cache",), None),
+])
+def test_recompute_waits_for_the_record_it_is_paired_with(methods, schemes, paired):
+    """What a scheduler running items out of order (--ray) waits for is the record `run_quality` pairs with."""
+    from pystream.measure.quality_at import pair_candidates, quality_plan
+    from pystream.measure.runner import BenchConfig
+
+    cfg = BenchConfig(lengths=(4096, 8192), methods=methods, cache_sizes=(256,), ppl_tokens=512,
+                      position_schemes=schemes)
+    plan = quality_plan(cfg)
+    for item in plan:
+        deps = pair_candidates(cfg, plan, item)
+        if item.method != "recompute" or paired is None:
+            assert deps == []
+        else:
+            assert [(d.method, d.scheme, d.length, d.capacity) for d in deps] == [(*paired, item.length, 256)]

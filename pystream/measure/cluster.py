@@ -281,7 +281,7 @@ class Sweep:
                 skipped += 1
                 continue
             # recompute's NLL is paired with the record of the same length that ran before it in the plan (sink)
-            deps = [bench.quality_identity(other) for other in pair_candidates(plan, item)]
+            deps = [bench.quality_identity(other) for other in pair_candidates(cfg, plan, item)]
             tasks.append((("quality", item), [("quality", item)], deps))
         return tasks, skipped
 

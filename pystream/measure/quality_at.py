@@ -94,17 +94,14 @@ def _pairing(cfg) -> tuple[str, str] | None:
     return None
 
 
-def pair_candidates(plan: list[QualityItem], item: QualityItem) -> list[QualityItem]:
-    """The items of `plan` whose record `item` reads when it runs: recompute's pair (the first of sink/window at its
-    capacity and length, under the first scheme); none for the others. A scheduler that runs items out of order
-    (pystream-bench --ray) waits for these first."""
-    if item.method != "recompute":
+def pair_candidates(cfg, plan: list[QualityItem], item: QualityItem) -> list[QualityItem]:
+    """The items of `plan` whose record `item` reads when it runs: recompute's pair (`_pairing`) at its capacity and
+    length; none for the others. A scheduler that runs items out of order (pystream-bench --ray) waits for these."""
+    pairing = _pairing(cfg)
+    if item.method != "recompute" or pairing is None:
         return []
-    for name in ("sink", "window"):
-        pair = [p for p in plan if p.method == name and p.capacity == item.capacity and p.length == item.length]
-        if pair:
-            return pair[:1]
-    return []
+    name, scheme = pairing
+    return [p for p in plan if (p.method, p.capacity, p.length, p.scheme) == (name, item.capacity, item.length, scheme)]
 
 
 def run_quality(bench, item: QualityItem, records: list[dict]) -> dict:
@@ -246,5 +243,5 @@ def _recompute(bench, item, start, end, records, progress) -> dict:
                 ratio_rounds=[[int(k), float(h)] for k, h in paired.rounds])
 
 
-__all__ = ["QualityItem", "pair_candidates", "quality_range", "quality_plan", "quality_identity", "run_quality", "pair_of",
-           "QUALITY_MODE", "DEFAULT_SCHEME"]
+__all__ = ["QualityItem", "pair_candidates", "quality_range", "quality_plan", "quality_identity", "run_quality",
+           "pair_of", "QUALITY_MODE", "DEFAULT_SCHEME"]
