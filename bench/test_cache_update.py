@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, StaticCache
 
-from conftest import ratio
+from conftest import interleaved_gate, ratio
 from pystream import PaperCache, SinkCache, SinkRing, WindowCache
 
 CAPACITIES = (256, 1024, 4096)
@@ -141,7 +141,13 @@ def test_ratios_core():
 
 
 def test_ratios_update():
-    """Same-run gates: SinkCache's update beats the paper's by >= 50x at 4096, and is flat in capacity (a real
-    regression, such as touching the whole window every step, breaks both; noise does not)."""
-    assert ratio("update_paper_4096", "update_sink_4096") >= 50
-    assert ratio("update_sink_4096", "update_sink_256") <= 1.5
+    """Same-run gates: SinkCache's update beats the paper's by >= 50x at 4096, and is flat in capacity (at 4096 at
+    most 1.5x its cost at 256). A real regression, such as touching the whole window every step, breaks both; noise
+    does not: each gate times its pair interleaved (see conftest.interleaved_gate), since the fastest rounds of two
+    separate benchmarks moved the flatness ratio to 2.3 on a busy CI machine."""
+    sink_256, sink_4096 = make_update("sink", 256), make_update("sink", 4096)
+    paper_4096 = make_update("paper", 4096)
+    interleaved_gate({"paper_4096": paper_4096, "sink_4096": sink_4096}, 40,
+                     lambda fastest: fastest["paper_4096"] / fastest["sink_4096"] >= 50)
+    interleaved_gate({"sink_4096": sink_4096, "sink_256": sink_256}, 2000,
+                     lambda fastest: fastest["sink_4096"] / fastest["sink_256"] <= 1.5)

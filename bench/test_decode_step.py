@@ -2,13 +2,11 @@
 4096 (float32, CPU, one thread). Target: the sink cache's step costs at most 1.03x a static preallocated cache's of
 the same capacity, measured side by side in this run."""
 
-import math
-import time
-
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
+from conftest import interleaved_gate
 from pystream import PaperCache, SinkCache, WindowCache
 from pystream.measure.baselines import recompute_logits
 from pystream.cache.hf import decode_attention_mask
@@ -103,15 +101,4 @@ def test_ratio_sink_step_vs_static(model, capacity):
     one trial of 30 interleaved rounds: the static step's fastest time moved from 78 to 107 ms between consecutive
     trials here (sink 82-84 ms), ratios 0.79-1.04. So up to TRIALS trials: a real regression shows in every one."""
     steps = {"sink": make_step(model, "sink", capacity), "static": make_step(model, "static", capacity)}
-    trials = []
-    for _ in range(TRIALS):
-        fastest = {name: math.inf for name in steps}
-        for round_ in range(RATIO_ROUNDS):
-            for name in ("sink", "static") if round_ % 2 == 0 else ("static", "sink"):
-                start = time.perf_counter()
-                steps[name]()
-                fastest[name] = min(fastest[name], time.perf_counter() - start)
-        trials.append({k: f"{v * 1e3:.2f} ms" for k, v in fastest.items()})
-        if fastest["sink"] / fastest["static"] <= 1.03:
-            return
-    raise AssertionError(f"sink step > 1.03x static's in every one of {TRIALS} trials: {trials}")
+    interleaved_gate(steps, RATIO_ROUNDS, lambda fastest: fastest["sink"] / fastest["static"] <= 1.03, TRIALS)
