@@ -80,6 +80,20 @@ def check_supported(config_or_model) -> None:
     )
 
 
+# Models whose attention cannot reach past a fixed number of keys, whatever the cache: (the limit, why).
+_KEY_LIMITS = {
+    "mpt": lambda config: (config.max_seq_len, "its ALiBi bias table is max_seq_len long"),
+}
+
+
+def dense_length_limit(config_or_model) -> tuple[int, str] | None:
+    """(most keys one forward can attend to, why) for a model with a hard limit (MPT), else None: past it a dense
+    cache cannot run at all (a streaming cache never holds that many keys)."""
+    config = _config_of(config_or_model)
+    limit = _KEY_LIMITS.get(getattr(config, "model_type", None))
+    return None if limit is None else limit(config)
+
+
 def uses_alibi(config_or_model) -> bool:
     return getattr(_config_of(config_or_model), "model_type", None) in ALIBI_MODEL_TYPES
 
@@ -140,11 +154,12 @@ def decode_attention_mask(model, batch: int, kv_length: int):
     Why: for a single query transformers skips the mask, and its sdpa path then runs grouped-query attention in
     torch's CPU kernel, which is ~40% slower at 4k keys (torch 2.13) than repeating the KV heads with a mask, which is
     what it does for a StaticCache. Passing this mask on CPU puts every cache on the same, faster kernel path; on GPU
-    it returns None (the fused kernels want no mask). The mask is made once per shape and reused: no allocation per
+    it returns None (the fused kernels want no mask), and for ALiBi models too (BLOOM builds its biases from a 2D
+    mask, or from the key count when there is none). The mask is made once per shape and reused: no allocation per
     step."""
     device = model.device
     impl = getattr(model.config, "_attn_implementation", None)
-    if device.type != "cpu" or impl not in ("sdpa", "eager"):
+    if device.type != "cpu" or impl not in ("sdpa", "eager") or uses_alibi(_config_of(model.config)):
         return None
     key = (impl, batch, kv_length, model.dtype)
     mask = _DECODE_MASKS.get(key)
@@ -346,6 +361,12 @@ class StreamingCache(Cache):
     def position_ids(self, num_tokens: int = 1, device=None) -> torch.Tensor:
         """Positions `[batch, num_tokens]` for the next forward, kept small by re-basing (see `StreamingKV`)."""
         return self.kv.position_ids(num_tokens, device)
+
+    def forward_positions(self, num_tokens: int = 1, device=None) -> torch.Tensor | None:
+        """What to pass the model as `position_ids=` for the next forward: `position_ids(num_tokens)`, or None for a
+        model that takes no positions (ALiBi: its biases come from the order of the keys), so that one driver loop
+        serves both."""
+        return None if self.kv.logical_order else self.kv.position_ids(num_tokens, device)
 
     def reset_stream(self, stream: int) -> None:
         """Empty one stream and keep the others: the batch becomes ragged, so pass `attention_mask=slot_mask()`

@@ -75,7 +75,7 @@ class StreamControl:
     def _move_window(self, old_slots: torch.Tensor, new_slots: torch.Tensor, shift: int) -> None:
         """Move window keys/values between slots and rotate the keys by `shift` positions (setup path: allocates)."""
         rot = self.rotary.rotary_dim if self.rotary is not None else 0
-        if shift and not rot:
+        if shift and not rot and not self.logical_order:  # ALiBi keys carry no position: moving them is enough
             raise ValueError("moving the window needs the model's rotary embedding: build the cache with config=")
         for layer in self.layers:
             if layer is None:
@@ -83,7 +83,7 @@ class StreamControl:
             index_old, index_new = old_slots.to(layer.device), new_slots.to(layer.device)
             keys = layer.keys.index_select(2, index_old)
             values = layer.values.index_select(2, index_old)
-            if shift:
+            if shift and rot:
                 full_cos, full_sin = self.rotary.full_cos_sin(torch.tensor([shift]), layer.dtype, layer.device)
                 rotate_inplace(keys[..., :rot], full_cos, full_sin, torch.empty_like(keys[..., : rot // 2]))
             layer.keys.index_copy_(2, index_new, keys)

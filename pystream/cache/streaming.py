@@ -45,7 +45,8 @@ def prefill(model, cache: StreamingCache, input_ids: torch.Tensor, *, planned_po
     done, logits = 0, None
     while done < n:
         chunk = input_ids[:, done:done + (first if done == 0 else 1)]
-        kwargs = {"position_ids": cache.position_ids(chunk.shape[1], chunk.device)} if planned_positions else {}
+        positions = cache.forward_positions(chunk.shape[1], chunk.device) if planned_positions else None
+        kwargs = {} if positions is None else {"position_ids": positions}
         out = model(chunk, cache=cache, use_cache=True, **kwargs)
         if on_token is not None:
             for i in range(chunk.shape[1]):

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from ..cache.hf import decode_attention_mask, dense_cache, dense_kv_bytes, rope_scaled, streaming_cache
+from ..cache.hf import (decode_attention_mask, dense_cache, dense_kv_bytes, dense_length_limit, rope_scaled,
+                        streaming_cache)
 from ..cache.streaming import prefill
 from . import clocks
 from .baselines import recompute_logits
@@ -43,6 +44,11 @@ class CellMethod:
         """Bytes of KV cache (and the largest activations) the method will allocate for `streams` streams of
         `tokens` at `capacity` (checked against free memory before anything is allocated; None: nothing that
         grows with them)."""
+        return None
+
+    def unsupported(self, bench, tokens: int) -> str | None:
+        """Why this method cannot run a stream of `tokens` on this model at all (then its record says
+        `status: "unsupported"`), or None."""
         return None
 
     def context(self, bench):
@@ -90,7 +96,7 @@ class StreamingMethod(CellMethod):
         # state mode: the first S tokens and the W before `length` in one exact chunk, then jump the counters
         chunk = torch.cat([bench.tokens.first(S), bench.tokens.get(length - cache.window, cache.window)], dim=1)
         with torch.inference_mode():
-            bench.model(chunk, cache=cache, position_ids=cache.position_ids(chunk.shape[1]))
+            bench.model(chunk, cache=cache, position_ids=cache.forward_positions(chunk.shape[1]))
         cache.fast_forward(length, keep_window=True)
 
     def time_cell(self, bench, capacity, length):
@@ -102,7 +108,7 @@ class StreamingMethod(CellMethod):
 
         def step(x):
             full = cache.kv.attended(1) == cache.capacity
-            return bench.forward(x, cache=cache, position_ids=cache.position_ids(1),
+            return bench.forward(x, cache=cache, position_ids=cache.forward_positions(1),
                                  attention_mask=mask if full else None)
 
         latencies = bench.decode(step, length, f"{self.name} {capacity} @ {length:,}: decoding")
@@ -125,6 +131,13 @@ class DenseMethod(CellMethod):
 
     def kv_bytes_needed(self, bench, tokens, streams, capacity=None):
         return tokens * clocks.kv_bytes_per_token(bench.config, bench.dtype) * streams
+
+    def unsupported(self, bench, tokens):
+        limit = dense_length_limit(bench.config)
+        if limit is None or tokens <= limit[0]:
+            return None
+        return (f"{self.name} attends to all {tokens:,} tokens, but the model attends to at most {limit[0]:,} "
+                f"({limit[1]})")
 
     def context(self, bench):
         return rope_scaled(bench.model, *self.rope_scaling) if self.rope_scaling else contextlib.nullcontext()

@@ -185,6 +185,9 @@ def _oom(needed: int, message: str) -> dict:
 
 def _dense(bench, item, start, end, progress) -> dict:
     kind = method(item.method)
+    why = kind.unsupported(bench, end)
+    if why is not None:
+        return {"status": "unsupported", "error": why, "evaluator": "chunked"}
     needed = kind.kv_bytes_needed(bench, end, 1)
     ok, message = clocks.fits(needed, bench.device)
     if not ok:

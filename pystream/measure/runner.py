@@ -126,6 +126,9 @@ class Bench:
             common["rope_scaling"] = {"type": kind.rope_scaling[0], "factor": kind.rope_scaling[1]}
         started = time.perf_counter()
         self.resumed_from_token = 0
+        why = kind.unsupported(self, length + self.cfg.warmup + self.cfg.steps)
+        if why is not None:
+            return dict(common, status="unsupported", error=why)
         needed = kind.kv_bytes_needed(self, length, self.cfg.batch, capacity)
         if needed is not None:
             ok, message = clocks.fits(needed, self.device, reserve_bytes=min(clocks.GIB, needed))

@@ -98,13 +98,17 @@ def quality_table(records: list[dict]) -> Table:
     title = ("quality: perplexity of the tokens [start, end) ending at each stream length" if at_length else
              "quality: perplexity over the first tokens of the text")
     columns = ("method", "cache", "length", "tokens", "positions", "PPL", "95% CI", "paired ratio", "note")
-    table = _table(title, columns, ("method", "positions", "paired ratio", "note"))
+    failed = [r for r in recs if r.get("status") != "ok"]
+    caption = "\n".join(f"{r['method']} @ {r['length']:,}: {r.get('error') or r.get('status')}" for r in failed
+                        if r.get("length") is not None)
+    table = _table(title, columns, ("method", "positions", "paired ratio", "note"), caption or None)
     for rec in recs:
         cache = cache_label(rec) or "-"
         length = f"{rec['length']:,}" if rec.get("start") is not None else "-"
         first = [rec["method"], cache, length, quality_range_text(rec), rec.get("position_scheme") or "-"]
         if rec.get("status") != "ok":
-            table.add_row(*first, "-", "-", "-", rec.get("error", ""))
+            # the message is in the caption, as in the cells' table
+            table.add_row(*first, f"[red]{str(rec.get('status', '')).upper() or 'failed'}[/red]", "-", "-", "-")
             continue
         ci = rec.get("ppl_ci95")
         table.add_row(*first, _ppl(rec["ppl"]), f"{_ppl(ci[0])}-{_ppl(ci[1])}" if ci else "-",
