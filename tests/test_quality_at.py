@@ -141,7 +141,7 @@ def test_dense_past_memory_is_its_need(tiny_model_dir, text_file, tmp_path, caps
 
 
 def test_alibi_models_stay_token_by_token(tmp_path, monkeypatch):
-    """Through the drivers directly (the cells' state mode does not serve ALiBi models: it passes positions)."""
+    """Through the drivers directly (tests/test_alibi.py runs pystream-bench end to end on ALiBi models)."""
     from rich.console import Console
     from rich.progress import Progress
 
