@@ -8,7 +8,7 @@
 
 Schema (`schema_version` 1), every record has `schema`, `schema_version` and `record`:
   record "cell"     one (method, cache size, stream length): latency_ms {p50,p90,p99,mean,min,max}, tokens_per_s,
-                    peak memory, kv_bytes, speedup_vs_recompute; `status` "ok" or "oom" (then `error` says why)
+                    peak memory, kv_bytes, speedup_vs_recompute; `status` "ok", "oom" or "unsupported" (then `error` says why)
   record "quality"  per-token NLL of one method over the first tokens of the text: ppl, buckets, nll series
   record "recall"   (--experiment recall) recall of a planted passage at one distance for one method: first_nll,
                     repeat_nll per passage, recall, ci95 (README, "What each method remembers")
