@@ -17,15 +17,17 @@ import copy
 
 import torch
 from torch.autograd.profiler import record_function
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from .compiled import CompiledDecoder, CompileUnsupported, StaticDecodeState
 from .kv import CACHE_UPDATE, StreamingKV
 from .rope import RotarySpec
 
 __all__ = ["SinkCache", "WindowCache", "StreamingCache", "streaming_cache", "DynamicCache", "dense_cache",
            "dense_kv_bytes", "dense_layers", "decode_attention_mask", "rope_scaled", "eager_attention",
-           "UnsupportedModelError", "rotary_spec", "check_supported", "StubLayer"]
+           "UnsupportedModelError", "rotary_spec", "check_supported", "StubLayer", "compiled_decoder",
+           "CompiledStreamingCache", "CompileUnsupported", "static_cache"]
 
 # Model types whose attention applies RoPE in the rotate-half layout before calling `cache.update`, verified against
 # the reference implementation in tests/test_oracle.py.
@@ -513,3 +515,74 @@ def rope_scaled(model, kind: str, factor: float):
     finally:
         for parent, name, child in replaced:
             setattr(parent, name, child)
+
+
+# ---- the compiled decode step (pystream.cache.compiled): what the model is handed, and the steps to compile ---------
+class CompiledStreamingLayer(StubLayer):
+    """transformers' view of one layer of a `CompiledStreamingCache` (the buffers live in the `StreamingKV`)."""
+
+    is_compileable = True
+
+
+class CompiledStreamingCache(Cache):
+    """The `Cache` a compiled decode step hands the model: each layer's update is `StaticDecodeState.update`, fixed
+    shapes and no Python number that changes between steps. Built by `compiled_decoder`, over the buffers and ring
+    of a `SinkCache`/`WindowCache`; used with the positions and 4D mask of the state (never builds a mask itself)."""
+
+    def __init__(self, state: StaticDecodeState):
+        self.state = state
+        super().__init__(layers=[CompiledStreamingLayer() for _ in range(len(state.kv.layers))])
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        return self.state.update(layer_idx, key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise RuntimeError("a compiled streaming step takes its positions from the cache: pass position_ids")
+
+
+def _mask_dtype(model) -> torch.dtype:
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager"):
+        raise CompileUnsupported(f"the compiled streaming step passes a 4D mask, which attention {impl!r} may not "
+                                 "take; use sdpa or eager")
+    return torch.bool if impl == "sdpa" else model.dtype
+
+
+def compiled_decoder(model, cache) -> CompiledDecoder:
+    """A compiled decode step for `cache`: a `SinkCache`/`WindowCache` built with the model's config, or
+    transformers' `StaticCache` (compileable as it is). `decoder(input_ids)` feeds one token per stream and returns
+    the logits; the cache must already hold what was prefilled (a streaming cache's first S tokens, and a ragged
+    batch, go through an eager step)."""
+    device = model.device
+    if isinstance(cache, StreamingCache):
+        state = StaticDecodeState(cache.kv, _mask_dtype(model))
+        holder = {}
+
+        def prepare():
+            state.prepare()
+            if "cache" not in holder:  # the layers exist only once the cache holds tokens
+                holder["cache"] = CompiledStreamingCache(state)
+
+        def forward(input_ids):
+            return model(input_ids, position_ids=state.positions, cache=holder["cache"],
+                         attention_mask=state.mask).logits
+
+        def eager(input_ids):
+            return model(input_ids, cache=cache, position_ids=cache.position_ids(1, device)).logits
+
+        decoder = CompiledDecoder(forward, device, prepare=prepare, eager=eager,
+                                  can_compile=state.can_compile_next)
+        decoder.state = state
+        return decoder
+    if isinstance(cache, StaticCache):
+        def forward(input_ids):
+            return model(input_ids, cache=cache).logits
+
+        return CompiledDecoder(forward, device)
+    raise CompileUnsupported(f"no compiled decode step for {type(cache).__name__}: SinkCache, WindowCache and "
+                             "StaticCache have fixed shapes; a cache that grows (DynamicCache, the paper's) does not")
+
+
+def static_cache(model, capacity: int) -> StaticCache:
+    """transformers' preallocated `StaticCache` of `capacity` slots (the compiled baseline)."""
+    return StaticCache(config=model.config, max_cache_len=capacity)

@@ -77,7 +77,10 @@ RECORD_FIELDS = {
              "kv_bytes": "?int", "kv_bytes_needed": "?int", "achieved_bandwidth_gb_s": "?num",
              "speedup_vs_recompute": ("?", "num", ("dict", "?num")), "setup_s": "?num", "wall_s": "?num",
              "stream_position": "?int", "evicted": "?int", "frame_base": "?int", "text_cycled": "?bool",
-             "profile": "?dict", "rope_scaling": "?dict", "resumed_from_token": "?int"},
+             "profile": "?dict", "rope_scaling": "?dict", "resumed_from_token": "?int",
+             # --compile (absent in older runs: eager): whether the timed steps ran compiled, and the compile and
+             # warm-up seconds spent before them (not in the latencies)
+             "compiled": "?bool", "compile_s": "?num"},
     "quality": {"tokens": "?int", "ppl": "?num", "ppl_ci95": ("?", ("list", "?num")), "sampled": "?bool",
                 "sample_size": "?int", "buckets": ("?", ("list", ("dict", None))), "nll": ("?", ("list", "?num")),
                 "pretraining_length": "?int", "rope_scaling": "?dict", "experiments": ("?", ("list", "str")),
