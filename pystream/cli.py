@@ -197,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "forward, cache update, C++ bookkeeping, re-rotation, logits) in the results and a trace "
                           "for Perfetto or chrome://tracing in RUN_DIR/traces/")
     run.add_argument("--profile-steps", type=int, default=8, help="profiled steps per cell (default 8)")
+    run.add_argument("--compile", action="store_true",
+                     help="time the decode step compiled with torch.compile (CUDA graphs on a GPU, inductor on a "
+                          "CPU): sink, window and recompute (once its context is full); dense grows every step and "
+                          "runs eager. Records say compiled and compile_s (compile and warm-up, apart from the "
+                          "timed steps)")
     cluster = p.add_argument_group("on a Ray cluster (pip install \"pystream[ray]\"; README: Running on a cluster)")
     cluster.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                          help="run each cell and quality pass as a Ray task: HEAD:PORT joins that cluster, local "
@@ -237,6 +242,7 @@ class RunConfig:
     report: bool
     profile: bool
     profile_steps: int
+    compile: bool = False
     experiment: str | None = None
     parts: tuple[str, ...] | None = None
     experiment_tokens: int | None = None
@@ -298,6 +304,8 @@ def validate(args, argv=None) -> RunConfig:
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (this torch build: "
                          f"{torch.__version__}); use --device cpu")
+    if args.compile and args.experiment:
+        raise UsageError(f"--compile times the decode steps of a sweep; --experiment {args.experiment} runs eager")
     ray = _validate_ray(args)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     check_out_dir(out, args.resume)
@@ -307,7 +315,8 @@ def validate(args, argv=None) -> RunConfig:
         ppl_cache=args.ppl_cache, recompute_ppl=args.recompute_ppl, recompute_samples=args.recompute_samples,
         model=args.model, text=args.text, trust_remote_code=args.trust_remote_code, device=device,
         dtype=args.dtype, threads=threads, seed=args.seed, out=out, resume=args.resume, report=not args.no_report,
-        profile=args.profile, profile_steps=args.profile_steps, experiment=args.experiment, ray=ray,
+        profile=args.profile, profile_steps=args.profile_steps, compile=args.compile, experiment=args.experiment,
+        ray=ray,
         ray_cpus=args.ray_cpus, ray_gpus=args.ray_gpus, position_schemes=schemes,
         argv=None if argv is None else tuple(str(a) for a in argv), **experiment)
 
@@ -447,7 +456,7 @@ def run_metadata(config: RunConfig, loaded, text, n_tokens) -> dict:
             "batch": config.batch, "ppl_tokens": config.ppl_tokens, "ppl_cache": config.ppl_cache,
             "recompute_ppl": config.recompute_ppl, "recompute_samples": config.recompute_samples,
             "position_schemes": list(config.position_schemes), "model": loaded.name, "text": text.name, "device_kind": device, "dtype": config.dtype,
-            "threads": config.threads, "seed": config.seed, "profile": config.profile,
+            "threads": config.threads, "seed": config.seed, "profile": config.profile, "compile": config.compile,
             "experiment": config.experiment, "parts": None if config.parts is None else list(config.parts),
             "experiment_tokens": config.experiment_tokens,
             "experiment_cache": config.experiment_cache if config.experiment == "paper" else None,
@@ -666,7 +675,7 @@ def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console, clu
                       ppl_cache=config.ppl_cache, recompute_ppl=config.recompute_ppl,
                       recompute_samples=config.recompute_samples, device=config.device, dtype=config.dtype,
                       profile=config.profile, profile_steps=config.profile_steps,
-                      position_schemes=config.position_schemes)
+                      position_schemes=config.position_schemes, compile=config.compile)
     progress = make_progress(console)
     bench = Bench(cfg, loaded.model, ids, progress, run_dir=config.out)
     if cluster is not None:

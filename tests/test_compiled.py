@@ -2,6 +2,8 @@
 steps through every wrap-around and re-base, for sink and window; and a broken variant of the compiled step's
 bookkeeping that the same check catches."""
 
+import json
+
 import pytest
 import torch
 
@@ -122,3 +124,36 @@ def test_uncompilable_caches_are_refused(model):
         compiled_decoder(model, DynamicCache(config=model.config))
     with pytest.raises(CompileUnsupported, match="config="):
         compiled_decoder(model, WindowCache(8))
+
+
+# ---- pystream-bench --compile -------------------------------------------------------------------------------------
+def test_bench_compile_records_and_profile(tiny_model_dir, text_file, tmp_path, capsys):
+    """--compile: sink, window and recompute time the compiled step (records say so, compile time apart), dense
+    runs eager and says so; --profile counts the ATen ops of a step, eager beside compiled."""
+    from conftest import read_records, run_cli, tiny_args
+
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, text_file, out, "--lengths", "200", "--cache-sizes", "32", "--ppl-tokens",
+                     "0", "--compile", "--profile", "--profile-steps", "2", "--methods", "sink,window,recompute,dense")
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    cells = {r["method"]: r for r in read_records(out)}
+    for name in ("sink", "window", "recompute"):
+        cell = cells[name]
+        assert cell["status"] == "ok" and cell["compiled"] is True and cell["compile_s"] > 0, cell
+        assert cell["timed_steps"] == 4
+        eager_ops = cell["profile"]["aten_ops_per_step"]
+        compiled_ops = cell["profile"]["compiled"]["aten_ops_per_step"]
+        assert 0 < compiled_ops < eager_ops / 2, (name, eager_ops, compiled_ops)
+    assert cells["dense"]["compiled"] is False and cells["dense"]["compile_s"] is None
+    assert json.loads((out / "run.json").read_text())["config"]["compile"] is True
+
+
+def test_bench_compile_refuses_experiments(tiny_model_dir, text_file, tmp_path, capsys):
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    code, _, stderr = run_cli(["--model", tiny_model_dir, "--text", text_file, "--out", out, "--experiment",
+                               "paper", "--compile"], capsys)
+    assert code == 2 and "--compile" in stderr and stderr.strip().count("\n") == 0, stderr
+    assert not out.exists()

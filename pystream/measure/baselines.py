@@ -21,3 +21,18 @@ def recompute_logits(model, input_ids: torch.Tensor, context: int) -> torch.Tens
     # implementation of this baseline does (for SmolLM2 at 1,024 tokens it saves 15% of the step).
     return model(tokens, position_ids=positions, use_cache=False, logits_to_keep=1).logits[:, -1]
 
+
+
+def compiled_recompute(model, context: int, batch: int, device):
+    """Sliding window with re-computation as a compiled step (`pystream.cache.compiled.CompiledDecoder`):
+    `decoder(tokens [batch, context]) -> logits [batch, vocab]`, the same computation as `recompute_logits` once the
+    context is full (every step then has the same shapes)."""
+    from ..cache.compiled import CompiledDecoder
+
+    with torch.inference_mode(False):
+        positions = torch.arange(context, device=device).unsqueeze(0).expand(batch, -1).contiguous()
+
+    def forward(tokens):
+        return model(tokens, position_ids=positions, use_cache=False, logits_to_keep=1).logits[:, -1]
+
+    return CompiledDecoder(forward, device)

@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from ..cache.hf import (decode_attention_mask, dense_cache, dense_kv_bytes, dense_length_limit, rope_scaled,
-                        streaming_cache)
+from ..cache.hf import (compiled_decoder, decode_attention_mask, dense_cache, dense_kv_bytes, dense_length_limit,
+                        rope_scaled, streaming_cache)
 from ..cache.streaming import prefill
 from . import clocks
-from .baselines import recompute_logits
+from .baselines import compiled_recompute, recompute_logits
 
 # Dense attention with the model's RoPE scaled to a longer window (transformers' own rope scaling types):
 # "dense-pi:4" (linear position interpolation), "dense-ntk:4" (dynamic NTK), "dense-yarn:4" (YaRN).
@@ -111,12 +111,20 @@ class StreamingMethod(CellMethod):
             return bench.forward(x, cache=cache, position_ids=cache.forward_positions(1),
                                  attention_mask=mask if full else None)
 
-        latencies = bench.decode(step, length, f"{self.name} {capacity} @ {length:,}: decoding")
+        timed, start, extra = step, length, {}
+        if bench.cfg.compile:  # the same step compiled; compiling (2 steps, untimed) before the timed ones
+            decoder = compiled_decoder(bench.model, cache)
+            extra = dict(compile_s=bench.compile_warmup(decoder, start), compiled=True)
+            timed, start = decoder, start + 2
+        latencies = bench.decode(timed, start, f"{self.name} {capacity} @ {length:,}: decoding")
+        if bench.cfg.compile:
+            extra["compiled"] = decoder.eager_steps == 0
         result = dict(latencies_ms=latencies, kv_bytes=cache.kv_bytes, setup_s=setup_ms / 1e3,
                       stream_position=reached, frame_base=cache.ring.frame_base(0),
-                      evicted=max(0, reached - cache.capacity))
+                      evicted=max(0, reached - cache.capacity), **extra)
         if bench.cfg.profile:
-            result["profile"] = bench.profile(step, length + bench.cfg.warmup + bench.cfg.steps, label, cache)
+            result["profile"] = bench.profile(step, start + bench.cfg.warmup + bench.cfg.steps, label, cache,
+                                              compiled=timed if bench.cfg.compile else None)
         return result
 
 
@@ -166,6 +174,8 @@ class DenseMethod(CellMethod):
 
         latencies = bench.decode(step, length, f"dense @ {length:,}: decoding")
         result = dict(latencies_ms=latencies, kv_bytes=kv_bytes, setup_s=setup, stream_position=reached)
+        if bench.cfg.compile:  # its cache grows every step: no fixed shape to compile, so it runs eager
+            result.update(compiled=False, compile_s=None)
         if bench.cfg.profile:
             result["profile"] = bench.profile(step, length + bench.cfg.warmup + bench.cfg.steps, f"dense @ {length:,}")
         return result
@@ -193,11 +203,27 @@ class RecomputeMethod(CellMethod):
                 return bench.forward(window, position_ids=positions, use_cache=False)
             return recompute_logits(bench.model, window, context)
 
-        latencies = bench.decode(step, length, f"recompute {context} @ {length:,}: decoding")
-        result = dict(latencies_ms=latencies, kv_bytes=0, setup_s=0.0)
+        timed, start, extra = step, length, {}
+        if bench.cfg.compile:
+            if length + 1 >= context:  # the context is full: every step has the same shape
+                decoder = compiled_recompute(bench.model, context, bench.cfg.batch, bench.device)
+
+                def timed(x):
+                    nonlocal position
+                    window = bench.tokens.get(position + 1 - context, context)
+                    position += 1
+                    return decoder(window)
+
+                extra = dict(compile_s=bench.compile_warmup(decoder, start, timed), compiled=True)
+                start += 2
+            else:
+                extra = dict(compiled=False, compile_s=None)
+        latencies = bench.decode(timed, start, f"recompute {context} @ {length:,}: decoding")
+        result = dict(latencies_ms=latencies, kv_bytes=0, setup_s=0.0, **extra)
         if bench.cfg.profile:
-            result["profile"] = bench.profile(step, length + bench.cfg.warmup + bench.cfg.steps,
-                                              f"recompute {context} @ {length:,}")
+            result["profile"] = bench.profile(step, start + bench.cfg.warmup + bench.cfg.steps,
+                                              f"recompute {context} @ {length:,}",
+                                              compiled=timed if extra.get("compiled") else None)
         return result
 
 

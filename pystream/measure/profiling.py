@@ -56,7 +56,7 @@ def profile_steps(step, steps: int, device, trace_path: Path | None) -> dict:
         "other_ms": max(total - forward - logits, 0.0),  # position ids, masks, the driver
         "step_ms": total,
     }
-    result = {"steps": steps, "ms_per_step": breakdown}
+    result = {"steps": steps, "ms_per_step": breakdown, **_launch_counts(prof, steps, device)}
     if torch.device(device).type == "cuda":
         # On a GPU the host only launches kernels: the ranges above are launch (host) time, and this is the time
         # the GPU spent in the kernels each range launched.
@@ -65,6 +65,27 @@ def profile_steps(step, steps: int, device, trace_path: Path | None) -> dict:
     if trace_path is not None:
         result["trace"] = _export_gzipped(prof, trace_path)
     return result
+
+
+def _launch_counts(prof, steps: int, device) -> dict:
+    """How many operations a step launches: `aten_ops_per_step`, the top-level ATen operator calls (each one a trip
+    through the dispatcher, and on a GPU one or more kernel launches; inside a compiled graph, inductor's fused
+    kernels are not ATen calls, so only what it left to ATen, such as matrix multiplies, counts), and on a GPU
+    `kernels_per_step`, the kernels that ran on the device (a CUDA graph replays its kernels with one launch)."""
+    top_level = 0
+    kernels = 0
+    for event in prof.events():
+        if event.name.startswith("aten::"):
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            top_level += parent is None
+        if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+    counts = {"aten_ops_per_step": top_level / steps}
+    if torch.device(device).type == "cuda":
+        counts["kernels_per_step"] = kernels / steps
+    return counts
 
 
 def _export_gzipped(prof, trace_path: Path) -> str:

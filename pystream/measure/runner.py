@@ -44,6 +44,7 @@ class BenchConfig:
     checkpoint_every_s: float = 60.0  # --mode stream: save the cache this often, for --resume
     profile: bool = False  # --profile: a profiled pass after the timed steps, with a trace and a breakdown
     profile_steps: int = 8
+    compile: bool = False  # --compile: time the decode steps compiled (cells.py says which methods can be)
 
     @property
     def quality_cache(self) -> int:
@@ -201,23 +202,42 @@ class Bench:
             self.progress.remove_task(task)
         return latencies
 
-    def profile(self, step_fn, start: int, label: str, cache=None) -> dict:
-        """A profiled pass of `profile_steps` more decode steps (after the timed ones, so that timing is clean)."""
+    def compile_warmup(self, decoder, start: int, step_fn=None) -> float:
+        """The first two steps of a compiled decoder (tokens `start`, `start + 1`), untimed: compiling, and on a GPU
+        recording the CUDA graph. Returns the seconds they took (the record's `compile_s`)."""
+        step_fn = step_fn or decoder
+        with torch.inference_mode():
+            for i in range(2):
+                step_fn(self.tokens.get(start + i, 1))
+        return decoder.compile_s
+
+    def profile(self, step_fn, start: int, label: str, cache=None, compiled=None) -> dict:
+        """A profiled pass of `profile_steps` more decode steps (after the timed ones, so that timing is clean).
+        With `compiled` (the compiled step, --compile): as many more steps through it, whose op and kernel counts
+        sit beside the eager ones in `compiled`."""
         from .profiling import profile_steps
 
         kv = getattr(cache, "kv", None)
+        name = label.replace(' ', '-').replace('@', 'at').replace(',', '')
+        trace = None if self.run_dir is None else self.run_dir / "traces" / f"{name}.json"
         self.profiling = True
         if kv is not None:
             kv.profile = True
         try:
             with torch.inference_mode():
-                return profile_steps(lambda i: step_fn(self.tokens.get(start + i, 1)), self.cfg.profile_steps,
-                                     self.device, None if self.run_dir is None else
-                                     self.run_dir / "traces" / f"{label.replace(' ', '-').replace('@', 'at').replace(',', '')}.json")
+                result = profile_steps(lambda i: step_fn(self.tokens.get(start + i, 1)), self.cfg.profile_steps,
+                                       self.device, trace)
         finally:
             self.profiling = False
             if kv is not None:
                 kv.profile = False
+        if compiled is not None:
+            start += self.cfg.profile_steps
+            with torch.inference_mode():
+                result["compiled"] = profile_steps(
+                    lambda i: compiled(self.tokens.get(start + i, 1)), self.cfg.profile_steps, self.device,
+                    None if trace is None else trace.with_name(f"{name}-compiled.json"))
+        return result
 
     def _checkpoint_path(self, label: str) -> Path | None:
         if self.run_dir is None or self.cfg.mode != "stream":
