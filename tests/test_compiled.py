@@ -63,6 +63,13 @@ def test_compiled_matches_eager_over_2000_steps(model, kind, device):
     assert decoder.compile_s > 0
 
 
+def test_partial_rotary_model(arch_partial="gpt_neox"):
+    """GPT-NeoX rotates a quarter of each head: the compiled sink placement keeps the rest as stored."""
+    model = tiny_model(arch_partial)
+    diffs, decoder, *_ = _stream(model, "sink", "cpu", 4 * (SINKS + WINDOW))
+    assert max(diffs) <= TOL and decoder.compiled_steps == 4 * (SINKS + WINDOW)
+
+
 @pytest.mark.parametrize("broken", ["slot", "sinks", "rebase", "positions"])
 def test_check_fails_on_broken_compiled_step(model, broken):
     """Each piece the bookkeeping hands the compiled step, left stale, makes the check above fail (sink cache; the

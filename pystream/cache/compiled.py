@@ -79,7 +79,8 @@ class StaticDecodeState:
         rot = kv.rotary.rotary_dim
         self.sink_cos = torch.ones(batch, 1, 1, rot, dtype=dtype, device=device)
         self.sink_sin = torch.zeros(batch, 1, 1, rot, dtype=dtype, device=device)
-        for tensor in (self.slot, self.positions, self.mask, self.sink_cos, self.sink_sin):
+        self.sink_slots = torch.arange(kv.num_sinks, device=device)
+        for tensor in (self.slot, self.positions, self.mask, self.sink_cos, self.sink_sin, self.sink_slots):
             _mark_static(tensor)
         for layer in kv.layers:
             for tensor in (layer.keys, layer.values, layer.sink_store, layer.sink_swapped):
@@ -157,8 +158,14 @@ class StaticDecodeState:
         layer.keys.index_copy_(2, self.slot, key_states)
         layer.values.index_copy_(2, self.slot, value_states)
         if layer.sink_swapped is not None:
-            out, src, swapped, _, _ = layer.sink_views  # the unrotated rest of a partial head is never touched
-            out.copy_(src * self.sink_cos + swapped * self.sink_sin)
+            # Written through index_copy_ into the whole buffer, like the new token: a copy into a slice view
+            # compiles to a scatter over the whole buffer (functionalisation), an O(capacity) copy per layer.
+            rot = layer.sink_swapped.shape[-1]
+            store = layer.sink_store
+            rotated = store[..., :rot] * self.sink_cos + layer.sink_swapped * self.sink_sin
+            if rot < store.shape[-1]:  # partial rotary (GPT-NeoX): the rest of the head as stored
+                rotated = torch.cat((rotated, store[..., rot:]), dim=-1)
+            layer.keys.index_copy_(2, self.sink_slots, rotated)
         return layer.keys, layer.values
 
 
