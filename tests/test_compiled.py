@@ -131,6 +131,12 @@ def test_uncompilable_caches_are_refused(model):
         compiled_decoder(model, DynamicCache(config=model.config))
     with pytest.raises(CompileUnsupported, match="config="):
         compiled_decoder(model, WindowCache(8))
+    from conftest import tiny_alibi_model
+
+    bloom = tiny_alibi_model("bloom")
+    cache = SinkCache(SINKS, WINDOW, bloom.config)
+    with pytest.raises(CompileUnsupported, match="ALiBi"):
+        compiled_decoder(bloom, cache)
 
 
 # ---- pystream-bench --compile -------------------------------------------------------------------------------------

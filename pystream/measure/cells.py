@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from ..cache.hf import (compiled_decoder, decode_attention_mask, dense_cache, dense_kv_bytes, dense_length_limit,
-                        rope_scaled, streaming_cache)
+from ..cache.hf import (CompileUnsupported, compiled_decoder, decode_attention_mask, dense_cache, dense_kv_bytes,
+                        dense_length_limit, rope_scaled, streaming_cache)
 from ..cache.streaming import prefill
 from . import clocks
 from .baselines import compiled_recompute, recompute_logits
@@ -112,19 +112,24 @@ class StreamingMethod(CellMethod):
                                  attention_mask=mask if full else None)
 
         timed, start, extra = step, length, {}
+        decoder = None
         if bench.cfg.compile:  # the same step compiled; compiling (2 steps, untimed) before the timed ones
-            decoder = compiled_decoder(bench.model, cache)
+            try:
+                decoder = compiled_decoder(bench.model, cache)
+            except CompileUnsupported:  # ALiBi models gather their keys in order every step: they stay eager
+                extra = dict(compiled=False, compile_s=None)
+        if decoder is not None:
             extra = dict(compile_s=bench.compile_warmup(decoder, start), compiled=True)
             timed, start = decoder, start + 2
         latencies = bench.decode(timed, start, f"{self.name} {capacity} @ {length:,}: decoding")
-        if bench.cfg.compile:
+        if decoder is not None:
             extra["compiled"] = decoder.eager_steps == 0
         result = dict(latencies_ms=latencies, kv_bytes=cache.kv_bytes, setup_s=setup_ms / 1e3,
                       stream_position=reached, frame_base=cache.ring.frame_base(0),
                       evicted=max(0, reached - cache.capacity), **extra)
         if bench.cfg.profile:
             result["profile"] = bench.profile(step, start + bench.cfg.warmup + bench.cfg.steps, label, cache,
-                                              compiled=timed if bench.cfg.compile else None)
+                                              compiled=decoder)
         return result
 
 
