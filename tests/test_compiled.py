@@ -70,6 +70,13 @@ def test_partial_rotary_model(arch_partial="gpt_neox"):
     assert max(diffs) <= TOL and decoder.compiled_steps == 4 * (SINKS + WINDOW)
 
 
+def test_eager_attention_takes_an_additive_mask():
+    """With eager attention the static mask is additive (0 / the dtype's lowest): same logits as the eager step."""
+    model = tiny_model("llama", attn="eager")
+    diffs, decoder, *_ = _stream(model, "sink", "cpu", 4 * (SINKS + WINDOW))
+    assert max(diffs) <= TOL and decoder.state.mask.dtype == torch.float32
+
+
 @pytest.mark.parametrize("broken", ["slot", "sinks", "rebase", "positions"])
 def test_check_fails_on_broken_compiled_step(model, broken):
     """Each piece the bookkeeping hands the compiled step, left stale, makes the check above fail (sink cache; the

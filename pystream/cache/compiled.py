@@ -175,8 +175,9 @@ class CompiledDecoder:
     `forward(input_ids)`: the model step to compile (reads the static tensors `prepare` fills); `prepare()`: the
     bookkeeping outside the compiled region, or None (transformers' StaticCache keeps its own position tensor);
     `eager(input_ids)`: the same step uncompiled, taken while `can_compile()` says no (the first S tokens of a stream,
-    a ragged batch). Compilation happens on the first compiled step and the ones after it that recompile; its time is
-    `compile_s` (first call, compile included, minus nothing: it is reported apart from the timed steps).
+    a ragged batch). `compile_s`: the seconds of the first two compiled steps (compiling, and with CUDA graphs
+    recording the graph on the second), which drivers keep apart from the timed steps. A later recompilation (a
+    guard that fails, e.g. another batch size) is not in it.
 
     On a GPU with CUDA graphs the returned logits live in the graph's output buffer: read them before the next step.
     """

@@ -551,8 +551,8 @@ def _mask_dtype(model) -> torch.dtype:
 def compiled_decoder(model, cache) -> CompiledDecoder:
     """A compiled decode step for `cache`: a `SinkCache`/`WindowCache` built with the model's config, or
     transformers' `StaticCache` (compileable as it is). `decoder(input_ids)` feeds one token per stream and returns
-    the logits; the cache must already hold what was prefilled (a streaming cache's first S tokens, and a ragged
-    batch, go through an eager step)."""
+    the logits. Prefill a prompt eagerly first (the decoder feeds one token per stream); a streaming cache's first S
+    tokens and ragged batches take an eager step, every other step the compiled one."""
     device = model.device
     if isinstance(cache, StreamingCache):
         state = StaticDecodeState(cache.kv, _mask_dtype(model))
