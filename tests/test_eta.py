@@ -160,7 +160,7 @@ def test_a_recompute_cell_is_much_more_work_than_a_cached_one(bench):
     assert ratio > 5
     # quality at each length: sink through the evaluator costs the same at 1M as at 4k (its warm-up is bounded:
     # n_layers x (W - 1) tokens), dense prefills the whole length
-    q = {(i.key[1].method, i.key[1].length): plan.model.cost(i.parts) for i in plan.items if i.quality}
+    q = {(i.key[1], i.key[3]): plan.model.cost(i.parts) for i in plan.items if i.quality}
     assert q[("sink", 1024**2)] == pytest.approx(q[("sink", 4096)])
     assert q[("dense", 1024**2)] > 100 * q[("dense", 4096)]
     assert q[("recompute", 4096)] > 0 and q[("window", 4096)] > 0
@@ -169,7 +169,7 @@ def test_a_recompute_cell_is_much_more_work_than_a_cached_one(bench):
 def test_resumed_quality_passes_are_not_planned_again(bench):
     plan = plan_bench(bench, bench.cells(), bench.quality_plan(),
                       lambda kind, args: kind == "quality" and args[0].method == "sink")
-    pending = [i.key[1].method for i in plan.pending if i.quality]
+    pending = [i.key[1] for i in plan.pending if i.quality]
     assert "sink" not in pending and "window" in pending
     assert plan.counts(quality=True) == (2, 8)  # sink at both lengths, of 4 methods x 2 lengths
 
@@ -178,3 +178,52 @@ def test_prior_is_conservative_and_scales_with_the_model():
     small, large = prior_rates(10**8, 12), prior_rates(10**9, 24)
     assert all(large[k] > small[k] for k in small)
     assert prior_rates(10**8, 12, "cuda")["forward_token"] < small["forward_token"]
+
+
+def test_the_log_replays_to_what_the_bar_showed():
+    """Every finished item is logged with its prediction and duration; replaying the log on a fake clock gives the
+    ETA the live plan gave at the same moment (so accuracy can be measured from any run afterwards)."""
+    from pystream.measure.eta import logged_items, replay
+
+    clock, log = FakeClock(), []
+    plan = Plan(synthetic_items(), CostModel(dict(PRIORS)), clock=clock)
+    plan.log = log.append
+    header = plan.header()
+    rng = random.Random(1)
+    total = sum(true_cost(i, rng) for i in plan.items)
+    seen = {}
+    noise = random.Random(1)
+    for item in list(plan.pending):
+        plan.start(item)
+        seconds = true_cost(item, noise)
+        for share in (0.25, 0.5, 0.75):  # read the live ETA at exactly that share of the run, as replay will
+            if clock.now <= share * total < clock.now + seconds:
+                at = clock.now
+                clock.now = share * total
+                seen[share] = plan.remaining_s()
+                clock.now = at
+        clock.now += seconds
+        setup = item.parts[0].units * TRUE[item.parts[0].kind] if item.setup else None
+        plan.finish(item, setup_s=setup)
+    assert [e["index"] for e in log] == list(range(len(plan.items)))
+    assert log[0]["predicted_s"] == pytest.approx(sum(p.units * PRIORS[p.kind] for p in plan.items[0].parts))
+    assert log[-1]["eta_s"] == 0 and log[-1]["elapsed_s"] == pytest.approx(total)
+    replayed = replay(logged_items(header), log, header["priors"])
+    for row in replayed:
+        assert row["eta_s"] == pytest.approx(seen[row["share"]], rel=1e-9)
+        assert row["actual_left_s"] == pytest.approx((1 - row["share"]) * total)
+
+
+def test_a_pass_that_did_more_work_than_planned_is_measured_per_unit_of_what_it_did():
+    """The paired recompute sample grows until its interval is narrow: a pass that sampled 4x the planned positions
+    took 4x as long without its rate being 4x."""
+    model = CostModel(dict(PRIORS))
+    plan = Plan([Item(("quality", "recompute", 256, 4096, None), "q", (Part("forward_token", 128 * 320, 256),),
+                      quality=True, counted=("sample_size", 128)),
+                 Item(("cell", "recompute", 256, 8192), "r", (Part("forward_token", 35 * 320, 256),))],
+                model, clock=FakeClock())
+    first, second = plan.items
+    assert first.scale({"sample_size": 512}) == 4.0 and first.scale({"sample_size": None}) == 1.0
+    plan.start(first)
+    plan.finish(first, 512 * 320 * TRUE["forward_token"], scale=first.scale({"sample_size": 512}))
+    assert plan.remaining_s() == pytest.approx(35 * 320 * TRUE["forward_token"])

@@ -27,10 +27,13 @@ and quality passes onto parts.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 import time
 from dataclasses import dataclass, field
 
+LOG_SCHEMA, LOG_VERSION = "pystream.eta", 1
 KINDS = ("forward_token", "cached_step", "dense_step", "dense_token", "stream_nll_step", "chunked_nll_token")
 
 # A kind not measured yet borrows a measured one, times a factor: what one unit of it costs relative to the other.
@@ -46,17 +49,25 @@ BORROW = {
 }
 
 
-# How cost grows with what is attended, so that a rate measured at one size predicts another (measured here on
-# SmolLM2-135M, CPU, 1 thread: a chunked forward costs 4.7 ms/token at 256 tokens and 7.8 at 1,024; a cached step
-# 106 ms at capacity 256 and 151 ms at 1,024). Units of chunked forwards and decode steps carry these factors; a
-# rate measured at the same size replaces them.
-CHUNK_ATTENTION_TOKENS = 512  # a chunked forward's per-token cost doubles at this mean attended length
+# How cost grows with what is attended, so that a rate measured at one size predicts another. A token of a chunked
+# forward costs 2 FLOPs per parameter plus 4 x (query width) x layers FLOPs per token it attends to (scores and the
+# weighted values): its per-token cost doubles at parameters / (2 x width x layers) attended tokens (3,900 for
+# SmolLM2-135M; measured here: dense prefill at 8k costs 1.4x per token what it costs at 2k, which puts the doubling
+# near 7,000 on this CPU, where attention runs fused). Before the model is known, CHUNK_ATTENTION_TOKENS. A decode
+# step on a CPU is mostly fixed cost (kernels, Python) with a slowly growing attention part: measured on
+# SmolLM2-135M, CPU, 1 thread, a cached step costs 106 ms at capacity 256 and 151 ms at 1,024.
+CHUNK_ATTENTION_TOKENS = 4096  # a chunked forward's per-token cost doubles at this mean attended length
 STEP_ATTENTION_SLOTS = 1600  # a decode step's cost doubles at this many attended slots
 
 
-def chunk_units(tokens: float, mean_attended: float) -> float:
+def attention_tokens(parameters: int, query_width: int, layers: int) -> int:
+    """The mean attended length at which a chunked forward's per-token cost doubles (see above)."""
+    return max(1, round(parameters / (2 * query_width * layers)))
+
+
+def chunk_units(tokens: float, mean_attended: float, doubling: float = CHUNK_ATTENTION_TOKENS) -> float:
     """Units of `tokens` fed in chunked forwards that attend to `mean_attended` tokens on average."""
-    return tokens * (1 + mean_attended / CHUNK_ATTENTION_TOKENS)
+    return tokens * (1 + mean_attended / doubling)
 
 
 def step_units(steps: float, attended: float) -> float:
@@ -91,6 +102,20 @@ class Item:
     quality: bool = False
     done: bool = False  # finished before this session (a resumed run)
     setup: int = 0  # the first `setup` parts are the state setup, timed apart (a cell record's setup_s)
+    run: object = None  # what the runner is handed to measure it (plan_bench: a cell's args or a QualityItem)
+    # (record field, planned count): the work of a quality pass is known only once it ran (the paired recompute
+    # sample grows until its interval is narrow enough); its parts are scaled by field / planned when it finishes
+    counted: tuple[str, float] | None = None
+
+    def scale(self, rec: dict) -> float:
+        """How much more (or less) work than planned the record of this item says it did."""
+        if self.counted is None or not isinstance(rec.get(self.counted[0]), (int, float)) or self.counted[1] <= 0:
+            return 1.0
+        return rec[self.counted[0]] / self.counted[1]
+
+    def describe(self) -> dict:
+        return {"key": list(self.key), "label": self.label, "quality": self.quality, "done": self.done,
+                "setup": self.setup, "parts": [[p.kind, p.units, p.size] for p in self.parts]}
 
 
 @dataclass
@@ -146,12 +171,15 @@ class CostModel:
 class Plan:
     """The items of a run, what is finished and what is running; answers the time left and the fraction done."""
 
-    def __init__(self, items: list[Item], model: CostModel, clock=time.perf_counter):
-        self.items, self.model, self.clock = items, model, clock
+    def __init__(self, items: list[Item], model: CostModel, clock=time.perf_counter, spec: PlanSpec | None = None):
+        self.items, self.model, self.clock, self.spec = items, model, clock, spec
         self.pending = [i for i in items if not i.done]
         self.finished: list[tuple[Item, float]] = []  # this session's, with their seconds
         self.current: Item | None = None
         self.started_at = 0.0
+        self.begun_at: float | None = None  # when this session's first item started: the bar's clock
+        self.log = None  # a callable handed one dict per finished item (the run's eta.jsonl), see `header`
+        self._at_start: tuple[float, float] = (0.0, 0.0)  # (predicted seconds, time left) when `current` started
         # rich draws the bar from its refresh thread while the run finishes items on the main thread
         self.lock = threading.RLock()
 
@@ -173,30 +201,49 @@ class Plan:
         return text + f"; {todo} item{'s' if todo != 1 else ''} to run"
 
     # ---- running --------------------------------------------------------------------------------------------------
+    def header(self) -> dict:
+        """The plan as logged first in eta.jsonl (one per session): what it depends on, the priors and every item."""
+        return {"record": "eta_plan", "schema": LOG_SCHEMA, "schema_version": LOG_VERSION,
+                "spec": self.spec.as_dict() if self.spec else None, "priors": dict(self.model.priors),
+                "items": [i.describe() for i in self.items]}
+
     def start(self, item: Item) -> None:
         with self.lock:
+            self._at_start = (self.model.cost(item.parts), self.remaining_s())
             self.current, self.started_at = item, self.clock()
+            if self.begun_at is None:
+                self.begun_at = self.started_at
 
     def finish(self, item: Item, seconds: float | None = None, setup_s: float | None = None,
-               measured: bool = True) -> None:
+               measured: bool = True, scale: float = 1.0) -> None:
         """`item` finished after `seconds` (default: since `start`), `setup_s` of them setting up its state;
-        `measured=False` for an item whose time says nothing about rates (an OOM, a result taken from another)."""
+        `measured=False` for an item whose time says nothing about rates (an OOM, a result taken from another);
+        `scale`: its work against the plan's (`Item.scale` of its record)."""
         with self.lock:
-            self._finish(item, seconds, setup_s, measured)
+            self._finish(item, seconds, setup_s, measured, scale)
 
-    def _finish(self, item, seconds, setup_s, measured) -> None:
+    def _finish(self, item, seconds, setup_s, measured, scale=1.0) -> None:
         if seconds is None:
             seconds = self.clock() - self.started_at
+        parts = tuple(Part(p.kind, p.units * scale, p.size) for p in item.parts) if scale != 1.0 else item.parts
         if measured:
             if item.setup and setup_s is not None:
-                self.model.observe(item.parts[:item.setup], setup_s)
-                self.model.observe(item.parts[item.setup:], max(0.0, seconds - setup_s))
+                self.model.observe(parts[:item.setup], setup_s)
+                self.model.observe(parts[item.setup:], max(0.0, seconds - setup_s))
             else:
-                self.model.observe(item.parts, seconds)
+                self.model.observe(parts, seconds)
+        predicted, left_before = self._at_start if self.current is item else (None, None)
         self.pending.remove(item)
         self.finished.append((item, seconds))
         if self.current is item:
             self.current = None
+        if self.log is not None:
+            now = self.clock()
+            self.log({"record": "eta_item", "index": self.items.index(item), "label": item.label,
+                      "parts": item.describe()["parts"], "setup": item.setup, "predicted_s": predicted,
+                      "actual_s": seconds, "setup_s": setup_s, "measured": measured, "scale": scale,
+                      "elapsed_s": now - (self.begun_at if self.begun_at is not None else now),
+                      "eta_at_start_s": left_before, "eta_s": self.remaining_s(), "pending": len(self.pending)})
 
     def _model_now(self) -> tuple[CostModel, float]:
         """The cost model with the running item's elapsed time as a lower bound of its cost, and that time."""
@@ -226,70 +273,209 @@ class Plan:
         return spent / (spent + left) if spent + left > 0 else 1.0
 
 
+@dataclass(frozen=True)
+class PlanSpec:
+    """What a run's plan depends on, as plain values: logged in the run's `eta.jsonl`, so that its plan can be built
+    again (with other rules) and replayed against the durations it logged (bench/eta_accuracy.py)."""
+
+    parameters: int
+    layers: int
+    device: str  # "cpu" or "cuda"
+    mode: str  # "state" or "stream"
+    batch: int
+    steps: int  # decode steps per cell: warm-up, timed and profiled ones
+    ppl_tokens: int
+    recompute_exact: bool  # recompute's quality at every position rather than at a paired sample
+    recompute_samples: int
+    recompute_max_positions: int | None
+    sinks: int  # of the sink method (window keeps none)
+    attention_tokens: int = CHUNK_ATTENTION_TOKENS  # where a chunked forward's per-token cost doubles
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PlanSpec:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+def plan_items(spec: PlanSpec, cells, quality) -> list[Item]:
+    """The items of a run: `cells` as (method, capacity or None for dense, length, fits) and `quality` passes as
+    (method, capacity or None, length, scheme, fits), in run order; `fits` False for what is recorded as OOM before
+    anything runs. Keys: ("cell", method, capacity, length) and ("quality", method, capacity, length, scheme)."""
+    steps = spec.steps
+    items = []
+
+    def chunk_units(tokens, mean_attended):
+        return tokens * (1 + mean_attended / spec.attention_tokens)
+
+    for name, capacity, length, fits in cells:
+        label = f"{name} {capacity or ''} @ {length:,}"
+        setup = 0
+        if not fits:
+            parts = ()  # recorded as OOM before anything runs
+        elif name == "recompute":
+            context = min(capacity, length + 1)
+            parts = (Part("forward_token", steps * spec.batch * chunk_units(context, context / 2), capacity),)
+        elif capacity is not None:  # sink, window
+            chunk = min(capacity, length)
+            streamed = length - chunk if spec.mode == "stream" else 0
+            parts = (Part("forward_token", spec.batch * chunk_units(chunk, chunk / 2), capacity),
+                     Part("cached_step", step_units(streamed, capacity), capacity),
+                     Part("cached_step", step_units(steps, capacity), capacity))
+            setup = 2
+        else:  # dense and the scaled dense baselines: prefill to `length`, then steps over it
+            parts = ((Part("dense_step", step_units(length, length / 2), length),) if spec.mode == "stream" else
+                     (Part("dense_token", chunk_units(length, length / 2), length),))
+            parts += (Part("dense_step", step_units(steps, length), length),)
+            setup = 1
+        items.append(Item(("cell", name, capacity, length), label, parts, setup=setup))
+    # quality at each length (measure/quality_at.py): sink and window through the chunked evaluator from their
+    # warm-up start, dense prefilled to the length, recompute at its paired sample of positions
+    for name, capacity, length, scheme, fits in quality:
+        start, end = max(1, length - spec.ppl_tokens), length  # quality_at.quality_range
+        label = f"quality: {name} {capacity or ''} @ {length:,}"
+        counted = None
+        if not fits:
+            parts = ()  # recorded with its predicted need before anything runs
+        elif name in ("sink", "window"):
+            sinks = spec.sinks if name == "sink" else 0
+            first = _warmup_start(spec.layers, sinks, capacity - sinks, start)
+            fed = (sinks if first else 0) + end - 1 - first  # the record's tokens_fed
+            parts = (Part("chunked_nll_token", chunk_units(fed, capacity / 2), capacity),)
+            counted = ("tokens_fed", fed)
+        elif name == "recompute":
+            population = end - start
+            # the paired sample grows from its pilot until the interval is narrow enough: assume one doubling
+            positions = population if spec.recompute_exact else min(
+                population, 2 * spec.recompute_samples, spec.recompute_max_positions or population)
+            parts = (Part("forward_token", positions * chunk_units(capacity, capacity / 2), capacity),)
+            counted = ("sample_size", positions)
+        else:
+            parts = (Part("dense_token", chunk_units(end, end / 2), end),)
+        items.append(Item(("quality", name, capacity, length, scheme), label, parts, quality=True, counted=counted))
+    return items
+
+
+def _warmup_start(num_layers: int, num_sinks: int, window: int, start: int) -> int:
+    """evaluator.warmup_start (the evaluator imports torch; the plan must not need it to be rebuilt from a log)."""
+    first = start - 1 - num_layers * (window - 1)
+    return first if first > num_sinks else 0
+
+
+def bench_spec(bench) -> PlanSpec:
+    cfg, config = bench.cfg, bench.config
+    from .cells import method
+
+    parameters, layers = sum(p.numel() for p in bench.model.parameters()), config.num_hidden_layers
+    heads = config.num_attention_heads
+    width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return PlanSpec(
+        parameters=parameters, layers=layers, attention_tokens=attention_tokens(parameters, width, layers),
+        device=bench.device.type, mode=cfg.mode, batch=cfg.batch,
+        steps=cfg.warmup + cfg.steps + (cfg.profile_steps if cfg.profile else 0), ppl_tokens=cfg.ppl_tokens,
+        recompute_exact=cfg.recompute_ppl == "all" or (cfg.recompute_ppl == "auto" and bench.device.type != "cpu"),
+        recompute_samples=cfg.recompute_samples, recompute_max_positions=cfg.recompute_max_positions,
+        sinks=method("sink").sinks(cfg))
+
+
 def plan_bench(bench, cells, quality, is_done) -> Plan:
     """The plan of a `Bench` run: its cells and quality passes (as `Bench.cells()` and `Bench.quality_plan()` give
-    them) as parts; `is_done(kind, args)` says whether an item was finished before (a resumed run)."""
+    them) as parts; `is_done(kind, args)` says whether an item was finished before (a resumed run). Each item's
+    `run` is what to hand `Bench.run_cell` / `Bench.run_quality`."""
     from . import clocks
     from .cells import method
-    from .evaluator import warmup_start
     from .quality_at import quality_range
-
-    cfg = bench.cfg
-    config = bench.config
-    steps = cfg.warmup + cfg.steps + (cfg.profile_steps if cfg.profile else 0)
-    parameters = sum(p.numel() for p in bench.model.parameters())
-    model = CostModel(prior_rates(parameters, config.num_hidden_layers, bench.device.type))
 
     def fits(name, tokens, streams):
         needed = method(name).kv_bytes_needed(bench, tokens, streams)
         return needed is None or clocks.fits(needed, bench.device)[0]
 
-    items = []
-    for name, capacity, length in cells:
-        label = f"{name} {capacity or ''} @ {length:,}"
-        setup = 0
-        if not fits(name, length, cfg.batch):
-            parts = ()  # recorded as OOM before anything runs
-        elif name == "recompute":
-            context = min(capacity, length + 1)
-            parts = (Part("forward_token", steps * cfg.batch * chunk_units(context, context / 2), capacity),)
-        elif method(name).has_capacity:  # sink, window
-            chunk = min(capacity, length)
-            streamed = length - chunk if cfg.mode == "stream" else 0
-            parts = (Part("forward_token", cfg.batch * chunk_units(chunk, chunk / 2), capacity),
-                     Part("cached_step", step_units(streamed, capacity), capacity),
-                     Part("cached_step", step_units(steps, capacity), capacity))
-            setup = 2
-        else:  # dense and the scaled dense baselines: prefill to `length`, then steps over it
-            parts = ((Part("dense_step", step_units(length, length / 2), length),) if cfg.mode == "stream" else
-                     (Part("dense_token", chunk_units(length, length / 2), length),))
-            parts += (Part("dense_step", step_units(steps, length), length),)
-            setup = 1
-        items.append(Item(("cell", name, capacity, length), label, parts,
-                          done=is_done("cell", (name, capacity, length)), setup=setup))
-    # quality at each length (measure/quality_at.py): sink and window through the chunked evaluator from their
-    # warm-up start, dense prefilled to the length, recompute at its paired sample of positions
-    exact = cfg.recompute_ppl == "all" or (cfg.recompute_ppl == "auto" and bench.device.type != "cpu")
-    for item in quality:
-        name, capacity = item.method, item.capacity
-        start, end = quality_range(item.length, cfg.ppl_tokens)
-        label = f"quality: {name} {capacity or ''} @ {item.length:,}"
-        if capacity is None and not fits(name, end, 1):
-            parts = ()  # recorded with its predicted need before anything runs
-        elif name in ("sink", "window"):
-            sinks = method(name).sinks(cfg)
-            fed = end - warmup_start(config.num_hidden_layers, sinks, capacity - sinks, start) + sinks
-            parts = (Part("chunked_nll_token", chunk_units(fed, capacity / 2), capacity),)
-        elif name == "recompute":
-            population = end - start
-            # the paired sample grows from its pilot until the interval is narrow enough: assume one doubling
-            positions = population if exact else min(population, 2 * cfg.recompute_samples,
-                                                      cfg.recompute_max_positions or population)
-            parts = (Part("forward_token", positions * chunk_units(capacity, capacity / 2), capacity),)
+    spec = bench_spec(bench)
+    cell_rows = [(name, capacity, length, fits(name, length, bench.cfg.batch)) for name, capacity, length in cells]
+    quality_rows = [(q.method, q.capacity, q.length, q.scheme,
+                     q.capacity is not None or fits(q.method, quality_range(q.length, bench.cfg.ppl_tokens)[1], 1))
+                    for q in quality]
+    items = plan_items(spec, cell_rows, quality_rows)
+    for item, args in zip(items, list(cells) + list(quality)):
+        if item.quality:
+            item.run, item.done = args, is_done("quality", (args,))
         else:
-            parts = (Part("dense_token", chunk_units(end, end / 2), end),)
-        items.append(Item(("quality", item), label, parts, quality=True, done=is_done("quality", (item,))))
-    return Plan(items, model)
+            item.run, item.done = tuple(args), is_done("cell", tuple(args))
+    return Plan(items, CostModel(prior_rates(spec.parameters, spec.layers, spec.device)), spec=spec)
+
+
+def read_log(path) -> list[dict]:
+    """The sessions of an eta.jsonl (a resumed run appends one per session): [{"header": eta_plan record, "items":
+    [eta_item records in the order they finished]}]. A torn last line (a run killed mid-write) is left out."""
+    sessions = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("record") == "eta_plan":
+                if entry.get("schema_version", 0) > LOG_VERSION:
+                    raise ValueError(f"{path}: written by a newer pystream (schema_version "
+                                     f"{entry['schema_version']})")
+                sessions.append({"header": entry, "items": []})
+            elif entry.get("record") == "eta_item" and sessions:
+                sessions[-1]["items"].append(entry)
+    return sessions
+
+
+def replan(header: dict) -> list[Item]:
+    """A logged plan's items built again by this version's `plan_items` from its spec (what was done before the
+    session stays done)."""
+    spec = PlanSpec.from_dict(header["spec"])
+    cells, quality = [], []
+    for row in header["items"]:
+        key, fits = row["key"], bool(row["parts"])
+        (cells if key[0] == "cell" else quality).append((*key[1:], fits))
+    items = plan_items(spec, cells, quality)
+    by_key = {tuple(i.key): i for i in items}
+    ordered = [by_key[tuple(row["key"])] for row in header["items"]]
+    for item, row in zip(ordered, header["items"]):
+        item.done = row["done"]
+    return ordered
+
+
+def logged_items(header: dict) -> list[Item]:
+    """A logged plan's items with the parts they were logged with."""
+    return [Item(tuple(row["key"]), row["label"], tuple(Part(k, u, z) for k, u, z in row["parts"]),
+                 quality=row["quality"], done=row["done"], setup=row["setup"]) for row in header["items"]]
+
+
+def replay(items: list[Item], finished: list[dict], priors: dict[str, float],
+           shares=(0.25, 0.5, 0.75)) -> list[dict]:
+    """Run `items` again on a fake clock, each finished item (eta_item records, in the order they finished) taking
+    the seconds it took, and read the ETA a bar would have shown at each share of the session's time. Items that
+    did not finish in the session are left out. [{share, elapsed_s, actual_left_s, eta_s, error}]."""
+    items = [dataclasses.replace(i) for i in items]
+    ran = {e["index"] for e in finished}
+    for index, item in enumerate(items):
+        if index not in ran:
+            item.done = True
+    total = sum(e["actual_s"] for e in finished)
+    out = []
+    for share in shares:
+        at = share * total
+        now = [0.0]
+        plan = Plan(items, CostModel(dict(priors)), clock=lambda: now[0])
+        for entry in finished:
+            item = items[entry["index"]]
+            plan.start(item)
+            if now[0] + entry["actual_s"] > at:
+                now[0] = at
+                break
+            now[0] += entry["actual_s"]
+            plan.finish(item, entry["actual_s"], entry.get("setup_s"), entry.get("measured", True),
+                        entry.get("scale", 1.0))
+        eta, left = plan.remaining_s(), total - at
+        out.append({"share": share, "elapsed_s": at, "actual_left_s": left, "eta_s": eta,
+                    "error": (eta - left) / left if left > 0 else 0.0})
+    return out
 
 
 def format_seconds(seconds: float) -> str:
@@ -297,4 +483,5 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-__all__ = ["BORROW", "CostModel", "Item", "KINDS", "Part", "Plan", "format_seconds", "plan_bench", "prior_rates"]
+__all__ = ["BORROW", "CostModel", "Item", "KINDS", "Part", "Plan", "PlanSpec", "format_seconds", "plan_bench",
+           "plan_items", "prior_rates", "read_log", "replay"]
