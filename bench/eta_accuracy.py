@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from pystream.measure.eta import logged_items, read_log, replan, replay
+from pystream.measure.eta import PlanSpec, logged_items, prior_rates, read_log, replan, replay, replay_items
 
 SHARES = (0.25, 0.5, 0.75)
 
@@ -49,16 +49,17 @@ def accuracy(path: Path, session: int = -1) -> dict:
         raise SystemExit(f"{path}: no ETA log in it")
     chosen = (complete or sessions)[session] if session == -1 else sessions[session]
     header = chosen["header"]
+    if not chosen["items"]:
+        raise SystemExit(f"{path}: no item of that session has finished yet")
     result = {"items": len(chosen["items"]), "seconds": chosen["items"][-1]["elapsed_s"] if chosen["items"] else 0,
               "complete": chosen["items"][-1]["pending"] == 0 if chosen["items"] else False,
               "logged": logged(chosen),
               "replayed": replay(logged_items(header), chosen["items"], header["priors"])}
-    if header.get("spec"):
-        from pystream.measure.eta import CostModel, prior_rates, PlanSpec  # noqa: F401  (the priors of this version)
-
+    if header.get("spec"):  # this version's plan and priors
         spec = PlanSpec.from_dict(header["spec"])
-        result["replanned"] = replay(replan(header), chosen["items"],
-                                     prior_rates(spec.parameters, spec.layers, spec.device))
+        priors = prior_rates(spec.parameters, spec.layers, spec.device)
+        result["replanned"] = replay(replan(header), chosen["items"], priors)
+        result["per_item"] = replay_items(replan(header), chosen["items"], priors)
     return result
 
 
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--session", type=int, default=-1, help="which session of a resumed run (default: the last "
                         "complete one)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--items", action="store_true", help="also each item's predicted seconds (replanned) against "
+                        "what it took")
     args = parser.parse_args(argv)
     path = args.run / "eta.jsonl" if args.run.is_dir() else args.run
     result = accuracy(path, args.session)
@@ -79,15 +82,23 @@ def main(argv=None) -> int:
     print(f"{'at':>4} {'how':>10} {'elapsed_s':>9} {'actual_left_s':>13} {'eta_s':>9} {'error':>7}")
     for n, share in enumerate(SHARES):
         row = result["logged"][n]
-        print(f"{share:4.0%} {'logged':>10} {row['elapsed_s']:9.1f} {row['actual_left_s']:13.1f} {row['eta_s']:9.1f} "
-              f"{row['error']:+7.0%}")
-        print(f"{'':4} {'counted':>10} {row['elapsed_s']:9.1f} {row['actual_left_s']:13.1f} "
-              f"{row['count_eta_s']:9.1f} {row['count_error']:+7.0%}")
+        at = f"{share:4.0%}"
+        if result["complete"]:  # an unfinished session's logged ETA counts items that never ran
+            print(f"{at} {'logged':>10} {row['elapsed_s']:9.1f} {row['actual_left_s']:13.1f} "
+                  f"{row['eta_s']:9.1f} {row['error']:+7.0%}")
+            at = ""
+        print(f"{at:>4} {'counted':>10} {row['elapsed_s']:9.1f} "
+              f"{row['actual_left_s']:13.1f} {row['count_eta_s']:9.1f} {row['count_error']:+7.0%}")
         for how in ("replayed", "replanned"):
             if how in result:
                 r = result[how][n]
                 print(f"{'':4} {how:>10} {r['elapsed_s']:9.1f} {r['actual_left_s']:13.1f} {r['eta_s']:9.1f} "
                       f"{r['error']:+7.0%}")
+    if args.items and "per_item" in result:
+        print(f"\n{'item':40} {'predicted_s':>11} {'actual_s':>9} {'error':>7}")
+        for row in result["per_item"]:
+            error = (row["predicted_s"] - row["actual_s"]) / row["actual_s"] if row["actual_s"] > 0 else 0.0
+            print(f"{row['label']:40} {row['predicted_s']:11.1f} {row['actual_s']:9.1f} {error:+7.0%}")
     return 0
 
 

@@ -609,12 +609,21 @@ def _run_experiment(config: RunConfig, loaded, ids, writer, console, out_console
 
 def _run_on_cluster(config: RunConfig, bench, cluster, writer, console, out_console, progress) -> int:
     from .measure.cluster import LoadSpec, Sweep
+    from .measure.eta import plan_bench
     from .results.summary import print_summary
 
     spec = LoadSpec(model=config.model, text=config.text, device=config.device, dtype=config.dtype,
                     trust_remote_code=config.trust_remote_code, threads=config.threads, seed=config.seed)
+    cells, quality = bench.cells(), bench.quality_plan()
+    identity = {"cell": bench.cell_identity, "quality": bench.quality_identity}
+    plan = plan_bench(bench, cells, quality, lambda kind, args: writer.done(identity[kind](*args)) is not None)
+    # items that run at once: the cluster's CPUs over each task's threads (its GPUs on a GPU device)
+    resources = cluster.describe()["resources"]
+    slots = resources.get("GPU", 0) if config.device == "cuda" else resources.get("CPU", 0) // max(1, config.threads)
+    plan.slots = max(1, int(slots))
+    log_eta(plan, writer, console)
     with saving_on_interrupt(writer, console, config.out, config.argv) as interrupted, progress:
-        skipped = Sweep(bench, spec).run(writer, progress)
+        skipped = Sweep(bench, spec).run(writer, progress, plan)
     if interrupted:
         return 130
     if skipped:

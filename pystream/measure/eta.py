@@ -58,6 +58,9 @@ BORROW = {
 # SmolLM2-135M, CPU, 1 thread, a cached step costs 106 ms at capacity 256 and 151 ms at 1,024.
 CHUNK_ATTENTION_TOKENS = 4096  # a chunked forward's per-token cost doubles at this mean attended length
 STEP_ATTENTION_SLOTS = 1600  # a decode step's cost doubles at this many attended slots
+# The paired recompute sample of a quality pass, against its pilot (--recompute-samples), before a pass has shown
+# its growth: measured on the bundled model, 230 positions from a pilot of 64 (at 2k, 512 tokens).
+RECOMPUTE_SAMPLE_GROWTH = 2
 
 
 def attention_tokens(parameters: int, query_width: int, layers: int) -> int:
@@ -175,11 +178,13 @@ class Plan:
         self.items, self.model, self.clock, self.spec = items, model, clock, spec
         self.pending = [i for i in items if not i.done]
         self.finished: list[tuple[Item, float]] = []  # this session's, with their seconds
-        self.current: Item | None = None
-        self.started_at = 0.0
+        # running items: id -> (item, started at, predicted seconds and time left when it started); one at a time
+        # in a sequential run, up to `slots` at once on a cluster
+        self.running: dict[int, tuple[Item, float, float, float]] = {}
+        self.slots = 1  # items that run at once: the time left is the work left shared among them
         self.begun_at: float | None = None  # when this session's first item started: the bar's clock
         self.log = None  # a callable handed one dict per finished item (the run's eta.jsonl), see `header`
-        self._at_start: tuple[float, float] = (0.0, 0.0)  # (predicted seconds, time left) when `current` started
+        self.scales: dict[tuple, float] = {}  # (method, record field): work of its last pass against the plan's
         # rich draws the bar from its refresh thread while the run finishes items on the main thread
         self.lock = threading.RLock()
 
@@ -209,10 +214,10 @@ class Plan:
 
     def start(self, item: Item) -> None:
         with self.lock:
-            self._at_start = (self.model.cost(item.parts), self.remaining_s())
-            self.current, self.started_at = item, self.clock()
+            now = self.clock()
+            self.running[id(item)] = (item, now, self._cost(self.model, item), self.remaining_s())
             if self.begun_at is None:
-                self.begun_at = self.started_at
+                self.begun_at = now
 
     def finish(self, item: Item, seconds: float | None = None, setup_s: float | None = None,
                measured: bool = True, scale: float = 1.0) -> None:
@@ -223,20 +228,20 @@ class Plan:
             self._finish(item, seconds, setup_s, measured, scale)
 
     def _finish(self, item, seconds, setup_s, measured, scale=1.0) -> None:
+        _, started, predicted, left_before = self.running.pop(id(item), (item, None, None, None))
         if seconds is None:
-            seconds = self.clock() - self.started_at
+            seconds = self.clock() - started if started is not None else 0.0
         parts = tuple(Part(p.kind, p.units * scale, p.size) for p in item.parts) if scale != 1.0 else item.parts
+        if item.counted is not None and measured:
+            self.scales[(item.key[1], item.counted[0])] = scale  # the latest pass says best what the next will do
         if measured:
             if item.setup and setup_s is not None:
                 self.model.observe(parts[:item.setup], setup_s)
                 self.model.observe(parts[item.setup:], max(0.0, seconds - setup_s))
             else:
                 self.model.observe(parts, seconds)
-        predicted, left_before = self._at_start if self.current is item else (None, None)
         self.pending.remove(item)
         self.finished.append((item, seconds))
-        if self.current is item:
-            self.current = None
         if self.log is not None:
             now = self.clock()
             self.log({"record": "eta_item", "index": self.items.index(item), "label": item.label,
@@ -245,31 +250,47 @@ class Plan:
                       "elapsed_s": now - (self.begun_at if self.begun_at is not None else now),
                       "eta_at_start_s": left_before, "eta_s": self.remaining_s(), "pending": len(self.pending)})
 
-    def _model_now(self) -> tuple[CostModel, float]:
-        """The cost model with the running item's elapsed time as a lower bound of its cost, and that time."""
-        if self.current is None:
-            return self.model, 0.0
-        elapsed = self.clock() - self.started_at
-        if elapsed <= self.model.cost(self.current.parts):
-            return self.model, elapsed
-        bound = CostModel(self.model.priors, {k: _Sum(v.seconds, v.units) for k, v in self.model.by_size.items()},
-                          {k: _Sum(v.seconds, v.units) for k, v in self.model.by_kind.items()})
-        bound.observe(self.current.parts, elapsed)
-        return bound, elapsed
+    def _model_now(self) -> tuple[CostModel, list[tuple[Item, float]]]:
+        """The cost model with each running item's elapsed time as a lower bound of its cost, and the running items
+        with their elapsed times."""
+        now = self.clock()
+        running = [(item, now - started) for item, started, _, _ in self.running.values()]
+        model = self.model
+        for item, elapsed in running:
+            # a pass whose work is known only once it ran (a paired sample that grows) running long is doing more
+            # work, not working slower: it raises its own cost (to its elapsed time), not the rates of the others
+            if item.counted is None and elapsed > self._cost(model, item):
+                if model is self.model:
+                    model = CostModel(self.model.priors,
+                                      {k: _Sum(v.seconds, v.units) for k, v in self.model.by_size.items()},
+                                      {k: _Sum(v.seconds, v.units) for k, v in self.model.by_kind.items()})
+                model.observe(item.parts, elapsed)
+        return model, running
 
     def remaining_s(self) -> float:
         with self.lock:
-            model, elapsed = self._model_now()
-            total = sum(model.cost(i.parts) for i in self.pending)
-            return max(0.0, total - elapsed)
+            model, running = self._model_now()
+            total = sum(self._cost(model, i) for i in self.pending)
+            for item, elapsed in running:
+                total -= elapsed
+                if item.counted is not None:
+                    total += max(0.0, elapsed - self._cost(model, item))
+            return max(0.0, total) / max(1, min(self.slots, len(self.pending)))
+
+    def _cost(self, model: CostModel, item: Item) -> float:
+        """An item's predicted seconds; a pass whose work is counted after it ran takes the scale its family (same
+        method, same record field) showed so far."""
+        cost = model.cost(item.parts)
+        if item.counted is not None:
+            cost *= self.scales.get((item.key[1], item.counted[0]), 1.0)
+        return cost
 
     def fraction(self) -> float:
         """Of this session's work, the part done: seconds spent over seconds spent plus seconds left."""
         with self.lock:
-            spent = sum(s for _, s in self.finished)
-            if self.current is not None:
-                spent += self.clock() - self.started_at
-            left = self.remaining_s()
+            now = self.clock()
+            spent = sum(s for _, s in self.finished) + sum(now - started for _, started, _, _ in self.running.values())
+            left = self.remaining_s() * max(1, min(self.slots, len(self.pending)))  # in item seconds, as `spent`
         return spent / (spent + left) if spent + left > 0 else 1.0
 
 
@@ -346,9 +367,11 @@ def plan_items(spec: PlanSpec, cells, quality) -> list[Item]:
             counted = ("tokens_fed", fed)
         elif name == "recompute":
             population = end - start
-            # the paired sample grows from its pilot until the interval is narrow enough: assume one doubling
+            # the paired sample grows from its pilot until the interval is narrow enough: RECOMPUTE_SAMPLE_GROWTH
+            # times the pilot until a pass has shown how much (the next passes take its scale)
             positions = population if spec.recompute_exact else min(
-                population, 2 * spec.recompute_samples, spec.recompute_max_positions or population)
+                population, RECOMPUTE_SAMPLE_GROWTH * spec.recompute_samples,
+                spec.recompute_max_positions or population)
             parts = (Part("forward_token", positions * chunk_units(capacity, capacity / 2), capacity),)
             counted = ("sample_size", positions)
         else:
@@ -447,6 +470,26 @@ def logged_items(header: dict) -> list[Item]:
                  quality=row["quality"], done=row["done"], setup=row["setup"]) for row in header["items"]]
 
 
+def replay_items(items: list[Item], finished: list[dict], priors: dict[str, float]) -> list[dict]:
+    """Each finished item's predicted seconds when it started, replayed with this version's cost model, beside the
+    seconds it took: [{label, predicted_s, actual_s}]."""
+    items = [dataclasses.replace(i) for i in items]
+    ran = {e["index"] for e in finished}
+    for index, item in enumerate(items):
+        item.done = index not in ran
+    now = [0.0]
+    plan = Plan(items, CostModel(dict(priors)), clock=lambda: now[0])
+    out = []
+    for entry in finished:
+        item = items[entry["index"]]
+        plan.start(item)
+        out.append({"label": item.label, "predicted_s": plan.running[id(item)][2], "actual_s": entry["actual_s"]})
+        now[0] += entry["actual_s"]
+        plan.finish(item, entry["actual_s"], entry.get("setup_s"), entry.get("measured", True),
+                    entry.get("scale", 1.0))
+    return out
+
+
 def replay(items: list[Item], finished: list[dict], priors: dict[str, float],
            shares=(0.25, 0.5, 0.75)) -> list[dict]:
     """Run `items` again on a fake clock, each finished item (eta_item records, in the order they finished) taking
@@ -455,8 +498,7 @@ def replay(items: list[Item], finished: list[dict], priors: dict[str, float],
     items = [dataclasses.replace(i) for i in items]
     ran = {e["index"] for e in finished}
     for index, item in enumerate(items):
-        if index not in ran:
-            item.done = True
+        item.done = index not in ran
     total = sum(e["actual_s"] for e in finished)
     out = []
     for share in shares:
@@ -484,4 +526,4 @@ def format_seconds(seconds: float) -> str:
 
 
 __all__ = ["BORROW", "CostModel", "Item", "KINDS", "Part", "Plan", "PlanSpec", "format_seconds", "plan_bench",
-           "plan_items", "prior_rates", "read_log", "replay"]
+           "plan_items", "prior_rates", "read_log", "replan", "replay", "replay_items"]
