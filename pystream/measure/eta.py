@@ -19,10 +19,17 @@ The seconds per unit of each kind are measured as items finish (setup and decode
 record, `setup_s`). Until a kind is measured it borrows a related measured kind (a dense step from a cached step,
 ...), and before anything is measured it uses a conservative prior from the model's size. The remaining time is the
 predicted cost of the pending items plus what is left of the running one; an item running past its prediction
-raises its rate at once (its elapsed time is a lower bound of its cost), so the estimate does not sit at zero.
+raises its rate at once (its elapsed time is a lower bound of its cost), so the estimate does not sit at zero. A
+quality pass whose work is known only once it ran (recompute's paired sample grows until its interval is narrow)
+is measured per unit of the work it did (`Item.counted`, from its record), and the next pass of the method takes
+its growth. On a cluster (`--ray`) several items run at once: the work left is shared among `Plan.slots`.
 
-`CostModel` and `Plan` are plain Python (unit-tested with synthetic durations); `plan_bench` maps a `Bench`'s cells
-and quality passes onto parts.
+Every run logs the plan and, per finished item, what was predicted and what it took (`eta.jsonl` in the run
+directory, `Plan.log`); `replan` and `replay` run a logged plan again with this version's rules on a fake clock, so
+a change to the rules is checked against the durations of real runs (bench/eta_accuracy.py, tests/test_eta.py).
+
+`CostModel` and `Plan` are plain Python (unit-tested with synthetic durations); `plan_items` maps cells and quality
+passes onto parts from plain values (`PlanSpec`); `plan_bench` does it for a `Bench`.
 """
 
 from __future__ import annotations
@@ -59,8 +66,11 @@ BORROW = {
 CHUNK_ATTENTION_TOKENS = 4096  # a chunked forward's per-token cost doubles at this mean attended length
 STEP_ATTENTION_SLOTS = 1600  # a decode step's cost doubles at this many attended slots
 # The paired recompute sample of a quality pass, against its pilot (--recompute-samples), before a pass has shown
-# its growth: measured on the bundled model, 230 positions from a pilot of 64 (at 2k, 512 tokens).
-RECOMPUTE_SAMPLE_GROWTH = 2
+# its growth. Measured on the bundled model: 230 positions from a pilot of 64 at 2k (512 tokens), 232 at 4k and 164
+# at 1M (1,536 tokens); the old guess of one doubling put the first pass at 55% of what it took. 2.5 is what keeps
+# the replays of the recorded runs (tests/data/eta) within 20% from a quarter of the run on; later passes take the
+# growth the earlier ones showed (`Plan.scales`).
+RECOMPUTE_SAMPLE_GROWTH = 2.5
 
 
 def attention_tokens(parameters: int, query_width: int, layers: int) -> int:
@@ -184,7 +194,9 @@ class Plan:
         self.slots = 1  # items that run at once: the time left is the work left shared among them
         self.begun_at: float | None = None  # when this session's first item started: the bar's clock
         self.log = None  # a callable handed one dict per finished item (the run's eta.jsonl), see `header`
-        self.scales: dict[tuple, float] = {}  # (method, record field): work of its last pass against the plan's
+        # (method, record field): the work its passes did against the plan's, the plan's guess counted as one pass
+        # (the sample a pass needs varies along the text: 232 positions at 4k, 164 at 1M on the bundled model)
+        self.scales: dict[tuple, list[float]] = {}
         # rich draws the bar from its refresh thread while the run finishes items on the main thread
         self.lock = threading.RLock()
 
@@ -233,7 +245,7 @@ class Plan:
             seconds = self.clock() - started if started is not None else 0.0
         parts = tuple(Part(p.kind, p.units * scale, p.size) for p in item.parts) if scale != 1.0 else item.parts
         if item.counted is not None and measured:
-            self.scales[(item.key[1], item.counted[0])] = scale  # the latest pass says best what the next will do
+            self.scales.setdefault((item.key[1], item.counted[0]), [1.0]).append(scale)
         if measured:
             if item.setup and setup_s is not None:
                 self.model.observe(parts[:item.setup], setup_s)
@@ -247,6 +259,7 @@ class Plan:
             self.log({"record": "eta_item", "index": self.items.index(item), "label": item.label,
                       "parts": item.describe()["parts"], "setup": item.setup, "predicted_s": predicted,
                       "actual_s": seconds, "setup_s": setup_s, "measured": measured, "scale": scale,
+                      "work": None if item.counted is None else [item.counted[0], item.counted[1] * scale],
                       "elapsed_s": now - (self.begun_at if self.begun_at is not None else now),
                       "eta_at_start_s": left_before, "eta_s": self.remaining_s(), "pending": len(self.pending)})
 
@@ -282,7 +295,8 @@ class Plan:
         method, same record field) showed so far."""
         cost = model.cost(item.parts)
         if item.counted is not None:
-            cost *= self.scales.get((item.key[1], item.counted[0]), 1.0)
+            scales = self.scales.get((item.key[1], item.counted[0]), [1.0])
+            cost *= sum(scales) / len(scales)
         return cost
 
     def fraction(self) -> float:
@@ -370,7 +384,7 @@ def plan_items(spec: PlanSpec, cells, quality) -> list[Item]:
             # the paired sample grows from its pilot until the interval is narrow enough: RECOMPUTE_SAMPLE_GROWTH
             # times the pilot until a pass has shown how much (the next passes take its scale)
             positions = population if spec.recompute_exact else min(
-                population, RECOMPUTE_SAMPLE_GROWTH * spec.recompute_samples,
+                population, round(RECOMPUTE_SAMPLE_GROWTH * spec.recompute_samples),
                 spec.recompute_max_positions or population)
             parts = (Part("forward_token", positions * chunk_units(capacity, capacity / 2), capacity),)
             counted = ("sample_size", positions)
@@ -470,6 +484,15 @@ def logged_items(header: dict) -> list[Item]:
                  quality=row["quality"], done=row["done"], setup=row["setup"]) for row in header["items"]]
 
 
+def _replayed_scale(item: Item, entry: dict) -> float:
+    """The logged work of a counted pass against this plan's count for it (the logged scale was against the logged
+    plan's)."""
+    work = entry.get("work")
+    if item.counted is not None and work and work[0] == item.counted[0] and item.counted[1] > 0:
+        return work[1] / item.counted[1]
+    return entry.get("scale", 1.0)
+
+
 def replay_items(items: list[Item], finished: list[dict], priors: dict[str, float]) -> list[dict]:
     """Each finished item's predicted seconds when it started, replayed with this version's cost model, beside the
     seconds it took: [{label, predicted_s, actual_s}]."""
@@ -486,7 +509,7 @@ def replay_items(items: list[Item], finished: list[dict], priors: dict[str, floa
         out.append({"label": item.label, "predicted_s": plan.running[id(item)][2], "actual_s": entry["actual_s"]})
         now[0] += entry["actual_s"]
         plan.finish(item, entry["actual_s"], entry.get("setup_s"), entry.get("measured", True),
-                    entry.get("scale", 1.0))
+                    _replayed_scale(item, entry))
     return out
 
 
@@ -513,7 +536,7 @@ def replay(items: list[Item], finished: list[dict], priors: dict[str, float],
                 break
             now[0] += entry["actual_s"]
             plan.finish(item, entry["actual_s"], entry.get("setup_s"), entry.get("measured", True),
-                        entry.get("scale", 1.0))
+                        _replayed_scale(item, entry))
         eta, left = plan.remaining_s(), total - at
         out.append({"share": share, "elapsed_s": at, "actual_left_s": left, "eta_s": eta,
                     "error": (eta - left) / left if left > 0 else 0.0})
