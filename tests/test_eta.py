@@ -292,3 +292,25 @@ def test_the_old_rules_miss_on_the_recorded_runs(old, monkeypatch):
         changes["attention_tokens"] = 512
     worst = max(abs(r["error"]) for path in RECORDED for r in replay_recorded(path, **changes))
     assert worst > 0.2
+
+
+def test_the_accuracy_tool_reads_a_run_log():
+    """bench/eta_accuracy.py on a recorded default run: the bar as logged, the count-based estimate and the replays,
+    at 25/50/75% of the run (what the lead runs on a new run directory)."""
+    import json
+    import subprocess
+    import sys
+
+    path = Path(__file__).parent / "data" / "eta" / "bundled-default-4k-1M.jsonl"
+    script = Path(__file__).parent.parent / "bench" / "eta_accuracy.py"
+    result = subprocess.run([sys.executable, str(script), str(path), "--json"], capture_output=True, text=True,
+                            check=True)
+    figures = json.loads(result.stdout)
+    assert figures["complete"] and figures["items"] == 22
+    assert [r["share"] for r in figures["logged"]] == [0.25, 0.5, 0.75]
+    assert [r["error"] for r in figures["replanned"]] == pytest.approx([r["error"] for r in replay_recorded(path)])
+    for row in figures["logged"]:  # the logged ETA at the start of the item then running, against the time left
+        assert row["actual_left_s"] > 0 and row["eta_s"] > 0
+    text = subprocess.run([sys.executable, str(script), str(path), "--items"], capture_output=True, text=True,
+                          check=True).stdout
+    assert "logged" in text and "replanned" in text and "quality: recompute 256 @ 4,096" in text
