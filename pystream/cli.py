@@ -618,12 +618,21 @@ def _run_experiment(config: RunConfig, loaded, ids, writer, console, out_console
 
 def _run_on_cluster(config: RunConfig, bench, cluster, writer, console, out_console, progress) -> int:
     from .measure.cluster import LoadSpec, Sweep
+    from .measure.eta import plan_bench
     from .results.summary import print_summary
 
     spec = LoadSpec(model=config.model, text=config.text, device=config.device, dtype=config.dtype,
                     trust_remote_code=config.trust_remote_code, threads=config.threads, seed=config.seed)
+    cells, quality = bench.cells(), bench.quality_plan()
+    identity = {"cell": bench.cell_identity, "quality": bench.quality_identity}
+    plan = plan_bench(bench, cells, quality, lambda kind, args: writer.done(identity[kind](*args)) is not None)
+    # items that run at once: the cluster's CPUs over each task's threads (its GPUs on a GPU device)
+    resources = cluster.describe()["resources"]
+    slots = resources.get("GPU", 0) if config.device == "cuda" else resources.get("CPU", 0) // max(1, config.threads)
+    plan.slots = max(1, int(slots))
+    log_eta(plan, writer, console)
     with saving_on_interrupt(writer, console, config.out, config.argv) as interrupted, progress:
-        skipped = Sweep(bench, spec).run(writer, progress)
+        skipped = Sweep(bench, spec).run(writer, progress, plan)
     if interrupted:
         return 130
     if skipped:
@@ -686,17 +695,19 @@ def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console, clu
     skipped = len(plan.items) - len(plan.pending)
     if skipped and plan.resume_message():
         console.print(plan.resume_message())
+    log_eta(plan, writer, console)
     with saving_on_interrupt(writer, console, config.out, config.argv) as interrupted, progress:
         overall = progress.add_task("[bold]cells", total=len(plan.pending), plan=plan)
         for item in list(plan.pending):
             plan.start(item)
             if item.quality:
-                rec = bench.run_quality(item.key[1], writer.records)
+                rec = bench.run_quality(item.run, writer.records)
             else:
-                rec = bench.run_cell(*item.key[1:], writer.records)
+                rec = bench.run_cell(*item.run, writer.records)
             writer.append(rec)
             # an OOM or a result taken from another pass says nothing about rates
-            plan.finish(item, setup_s=rec.get("setup_s"), measured=rec.get("status") == "ok" and bool(item.parts))
+            plan.finish(item, setup_s=rec.get("setup_s"), measured=rec.get("status") == "ok" and bool(item.parts),
+                        scale=item.scale(rec))
             progress.advance(overall)
     if interrupted:
         return interrupted[0]
@@ -704,6 +715,21 @@ def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console, clu
         console.print(f"resumed: {skipped} finished record(s) kept, not run again")
     print_summary(writer.records, out_console)
     return 0
+
+
+def log_eta(plan, writer, console) -> None:
+    """What the ETA predicts against what each item takes, in the run directory's eta.jsonl (bench/eta_accuracy.py
+    reads it): the plan first, then a line per finished item. A log that cannot be written is a warning, once."""
+    from .results import ETA_LOG
+
+    def write(entry):
+        if not writer.log(ETA_LOG, entry):
+            plan.log = None
+            console.print(f"[yellow]warning: {writer.path / ETA_LOG} cannot be written; the ETA is not logged "
+                          "(the results are not affected)[/yellow]")
+
+    plan.log = write
+    write(plan.header())
 
 
 def write_final_report(out: Path, console) -> None:

@@ -59,7 +59,20 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys)
     assert recompute["ratio_to"] == "sink" and recompute["position_scheme"] is None
     assert recompute["ratio_ci95"][0] <= recompute["ratio"] <= recompute["ratio_ci95"][1]
     assert "decode latency per token" in stdout and "quality" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "run.json"]  # no .lock left behind
+    assert sorted(p.name for p in out.iterdir()) == ["eta.jsonl", "results.jsonl", "run.json"]  # no .lock left
+    # the ETA's log: the plan, then one line per finished item with what was predicted and what it took
+    from pystream.measure.eta import read_log
+
+    (session,) = read_log(out / "eta.jsonl")
+    plan = session["header"]
+    assert plan["spec"]["layers"] == 2 and len(plan["items"]) == len(records)
+    assert [e["index"] for e in session["items"]] == list(range(len(records)))
+    assert [e["label"] for e in session["items"]] == [i["label"] for i in plan["items"]]
+    for entry in session["items"]:
+        assert entry["actual_s"] > 0 and entry["predicted_s"] > 0 and entry["eta_s"] >= 0
+    assert session["items"][-1]["eta_s"] == 0 and session["items"][-1]["pending"] == 0
+    elapsed = [e["elapsed_s"] for e in session["items"]]
+    assert elapsed == sorted(elapsed) and elapsed[-1] >= sum(e["actual_s"] for e in session["items"])
 
 
 def test_resume_runs_nothing_twice(tiny_model_dir, text_file, tmp_path, capsys):
@@ -86,6 +99,13 @@ def test_resume_says_how_much_was_done_before_the_bar(tiny_model_dir, text_file,
     assert code == 0, stderr
     assert "resuming: 5 of 8 cells already done, 0 of 4 quality passes; 7 items to run" in stderr
     assert len(read_records(out)) == 12
+    # the ETA log gained a session (appended, the first kept) that ran the 7 items left
+    from pystream.measure.eta import read_log
+
+    first, second = read_log(out / "eta.jsonl")
+    assert len(first["items"]) == 12 and len(second["items"]) == 7
+    assert [i["done"] for i in second["header"]["items"]] == [True] * 5 + [False] * 7
+    assert [e["index"] for e in second["items"]] == list(range(5, 12))
 
 
 def test_dense_that_would_not_fit_is_recorded_as_oom(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):

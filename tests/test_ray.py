@@ -151,6 +151,13 @@ def test_sweep_on_ray_writes_what_the_sequential_run_writes(tiny_model_dir, text
     nodes = meta["cluster"]["nodes"]
     assert len(nodes) == 1 and nodes[0]["resources"]["CPU"] == 2 and nodes[0]["address"] == "127.0.0.1"
     assert "running on" in result.stderr and "Ray cluster: 1 node(s), 2 CPU(s)" in result.stderr
+    # the bar's ETA on the cluster: 2 items at once, each measured by its worker's time; logged like a local run's
+    from pystream.measure.eta import read_log
+
+    (session,) = read_log(clustered / "eta.jsonl")
+    assert len(session["items"]) == len(ray) and session["items"][-1]["eta_s"] == 0
+    walls = {(e["label"]): e["actual_s"] for e in session["items"]}
+    assert all(s > 0 for s in walls.values())
     from pystream.report import write_report
 
     html = write_report([clustered], tmp_path / "report.html").read_text()

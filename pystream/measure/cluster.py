@@ -285,17 +285,22 @@ class Sweep:
             tasks.append((("quality", item), [("quality", item)], deps))
         return tasks, skipped
 
-    def run(self, writer, progress) -> int:
-        """Run every unfinished task; returns how many records were already done (skipped)."""
+    def run(self, writer, progress, plan=None) -> int:
+        """Run every unfinished task; returns how many records were already done (skipped). `plan` (an
+        `eta.Plan` of the same cells and passes) draws the bar: an item starts when its task is seen running and
+        is measured by the time its worker spent on it (the record's `wall_s`)."""
         import ray
 
         tasks, skipped = self._plan(writer)
+        self.plan = plan
+        self.by_key = {} if plan is None else {("quality", i.run) if i.quality else ("cell", *i.run): i
+                                               for i in plan.items}
         total_records = sum(len(items) for _, items, _ in tasks)
         remote = ray.remote(max_retries=self.max_retries, retry_exceptions=False, max_calls=0,
                             **task_resources(self.spec.device, self.spec.threads))(run_items)
         tracker = ray.remote(num_cpus=0)(Tracker).remote()
         spec_ref, cfg_ref = ray.put(self.spec), ray.put(self.bench.cfg)
-        overall = progress.add_task("[bold]cells", total=total_records)
+        overall = progress.add_task("[bold]cells", total=total_records, plan=plan)
         waiting = list(tasks)
         pending: dict = {}
         recorded = 0
@@ -319,8 +324,9 @@ class Sweep:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 for ref in ready:
                     key, items = pending.pop(ref)
-                    for measured in self._results(ref, items):
+                    for item, measured in zip(items, self._results(ref, items)):
                         writer.append(measured)
+                        self._finished(item, measured)
                         recorded += 1
                         progress.advance(overall)
                     submit_ready()
@@ -344,6 +350,14 @@ class Sweep:
             return [dict(self._identity(item), status="error", error=f"{type(err).__name__}: {text}"[:500])
                     for item in items]
 
+    def _finished(self, key, rec: dict) -> None:
+        item = self.by_key.get(key)
+        if item is None or item not in self.plan.pending:
+            return
+        ok = rec.get("status") == "ok" and bool(item.parts) and isinstance(rec.get("wall_s"), (int, float))
+        self.plan.finish(item, seconds=rec.get("wall_s") if ok else 0.0, setup_s=rec.get("setup_s"), measured=ok,
+                         scale=item.scale(rec))
+
     def _identity(self, item) -> dict:
         if item[0] == "cell":
             return self.bench.cell_identity(*item[1:])
@@ -357,6 +371,11 @@ class Sweep:
         except ray.exceptions.RayError:
             return
         keys = {key for key, _ in pending.values()}
+        if self.plan is not None:  # the bar's clock of an item starts when its task is seen running
+            for key in running:
+                item = self.by_key.get(key)
+                if key in keys and item is not None and item in self.plan.pending and id(item) not in self.plan.running:
+                    self.plan.start(item)
         nodes = {node for key, node in running.items() if key in keys}
         busy = sum(key in keys for key in running)
         progress.update(overall, description=f"[bold]cells[/bold] ({busy} running on {len(nodes)} node(s))")

@@ -10,7 +10,7 @@ runs can be read and reported anywhere.
 
 from .._files import write_atomic
 from .schema import SCHEMA, SCHEMA_VERSION, ResultsError, cache_label, peak_bytes, record, record_key
-from .store import LOCK, META, RESULTS, ResultsWriteError, Run, RunWriter, load_run, read_meta, read_results
+from .store import ETA_LOG, LOCK, META, RESULTS, ResultsWriteError, Run, RunWriter, load_run, read_meta, read_results
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "RESULTS", "META", "LOCK", "ResultsError", "record", "record_key",
            "cache_label", "peak_bytes", "read_results", "read_meta", "Run", "load_run", "RunWriter",

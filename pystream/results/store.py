@@ -3,6 +3,8 @@
     RUN_DIR/
       run.json        what ran: command line, arguments, versions, git commit, device, CPU, threads, date
       results.jsonl   one JSON record per finished cell or quality measurement, appended as each finishes
+      eta.jsonl       what the progress bar's ETA predicted against what each item took (a diagnostic; nothing reads
+                      it but bench/eta_accuracy.py): a plan line per session, a line per finished item
       report.html     written at the end (pystream-report rebuilds it from the two files above)
       .lock           held while a run writes here; removed when the run ends (a killed run leaves it, unlocked)
 
@@ -33,11 +35,12 @@ from pathlib import Path
 from .._files import read_regular_file, write_atomic, write_text_atomic
 from .schema import ResultsError, check_version, record, record_key, validate_record
 
-__all__ = ["RESULTS", "META", "LOCK", "read_results", "read_meta", "Run", "load_run", "RunWriter", "ResultsWriteError",
+__all__ = ["RESULTS", "META", "LOCK", "ETA_LOG", "read_results", "read_meta", "Run", "load_run", "RunWriter", "ResultsWriteError",
            "write_atomic"]
 
 RESULTS = "results.jsonl"
 META = "run.json"
+ETA_LOG = "eta.jsonl"
 LOCK = ".lock"
 # Read at most this much (regular files only: a FIFO in their place would block the reader forever). A record is a
 # few KB (a quality record with 12k NLL values ~100 KB), so 1 GiB is ~10,000 records of the largest kind.
@@ -260,6 +263,24 @@ class RunWriter:
         self._end += len(line)
         self.records.append(rec)
         return rec
+
+    def log(self, name: str, entry: dict) -> bool:
+        """Append one JSON line to the side log `name` of the run directory (eta.jsonl), written whole and
+        fsync'ed like a record. A diagnostic: a write that fails returns False and the run goes on (the caller
+        stops logging); the log is never read back by the run, the report or --resume."""
+        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")
+        try:
+            fd = os.open(self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError:
+            return False
+        try:
+            _write_all(fd, line)
+            os.fsync(fd)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self._lock_file is not None:
