@@ -136,8 +136,10 @@ def test_recall_experiment_through_the_cli(tmp_path, capsys, tiny_model_dir, tex
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["record"] for r in records} == {"recall"}
     curve = [r for r in records if r["probe"] == "distance"]
-    # dense, dense-pi:2, sink and window x 2 schemes x 2 caches, recompute x 2 caches; 3 distances each
-    assert len(curve) == 3 * (2 + 4 + 4 + 2)
+    # dense, dense-pi:2, sink x 2 schemes x 2 caches, window (one scheme: no sinks, both alike) and recompute
+    # x 2 caches; 3 distances each
+    assert len(curve) == 3 * (2 + 4 + 2 + 2)
+    assert {r["position_scheme"] for r in curve if r["method"] == "window"} == {"in-cache"}
     for r in records:
         assert r["passages"] == 2 and len(r["first_nll"]) == len(r["repeat_nll"]) == 2
         per = [1 - b / a for a, b in zip(r["first_nll"], r["repeat_nll"])]
@@ -145,7 +147,8 @@ def test_recall_experiment_through_the_cli(tmp_path, capsys, tiny_model_dir, tex
         assert r["ci95"][0] <= r["recall"] <= r["ci95"][1]
     places = {(r["method"], r["cache_size"], r["placement"]) for r in records if r["probe"] == "placement"}
     assert ("sink", 24, "middle") in places and ("dense", None, "start") in places
-    assert {r["position_scheme"] for r in records if r["probe"] == "far"} == {"in-cache", "original"}
+    far = [r for r in records if r["probe"] == "far"]
+    assert {r["position_scheme"] for r in far} == {"in-cache", "original"} and {r["method"] for r in far} == {"sink"}
     assert "recall against distance" in stdout
     html = (out / "report.html").read_text()
     assert "id='fig-recall'" in html
