@@ -736,8 +736,7 @@ def fig_recall(runs):
         order = sorted(curves, key=lambda k: (styles.rank(k[0]), k[1] or 0, k[3] or ""))
         for method, cache_size, sinks, scheme in order:
             points = sorted(curves[(method, cache_size, sinks, scheme)], key=lambda r: r["distance"])
-            name = series_name(points[0]) + (" original positions" if scheme == "original" else "") + \
-                _run_suffix(runs, label)
+            name = series_name(points[0]) + _run_suffix(runs, label)  # names "(original positions)" itself
             lows = [r["recall"] - r["ci95"][0] if r.get("ci95") else 0 for r in points]
             highs = [r["ci95"][1] - r["recall"] if r.get("ci95") else 0 for r in points]
             trace = series_trace(
@@ -745,9 +744,9 @@ def fig_recall(runs):
                 y=[r["recall"] for r in points], name=name, derived="recall.recall",
                 error_y=dict(type="data", symmetric=False, array=highs, arrayminus=lows, thickness=1),
                 hovertemplate="d = %{x:,} tokens<br>recall %{y:.3f}<extra></extra>")
-            if scheme == "original":  # the second scheme of one cache: the same colour, dashes of its own
-                trace.line.dash = DASHES[(styles._cache_rank(cache_size) + 3) % len(DASHES)]
-                trace.marker.symbol = "x"
+            if scheme == "original":  # the second scheme of one cache: the same colour, marks of its own
+                trace.line.dash = styles.scheme_dash(cache_size, label, scheme)
+                trace.marker.symbol = styles.scheme_symbol(cache_size, label, scheme)
             fig.add_trace(trace)
             if cache_size and (cache_size, sinks) not in marked:
                 marked.add((cache_size, sinks))
@@ -776,6 +775,77 @@ def fig_recall(runs):
     return fig
 
 
+PLACEMENTS = ("start", "middle", "end")
+
+
+def _placement_panel(rec, windows: dict) -> int | None:
+    """The cache whose panel a placement record belongs to: its own, or for dense (no cache) the cache whose window
+    set its distances."""
+    if rec.get("cache_size"):
+        return rec["cache_size"]
+    return windows.get(rec.get("placement_window"))
+
+
+def fig_recall_placement(runs):
+    """Recall when the first copy sits at the start (oldest), middle or end (newest) of what each cache holds as the
+    repeat begins (`"probe": "placement"`): one panel per cache, one line per method and position scheme; dense at
+    the same distances beside them."""
+    from plotly.subplots import make_subplots
+
+    styles = Styles(runs)
+    recs = [(label, r) for label, run in runs for r in run.records
+            if r.get("record") == "recall" and r.get("probe") == "placement" and r.get("status") == "ok"
+            and r.get("placement") in PLACEMENTS]
+    # a window belongs to the cache that holds it: sink 4+252's 252, window 256's 256
+    windows = {r["placement_window"]: r["cache_size"] for _, r in recs if r.get("cache_size")}
+    caches = sorted({c for c in (_placement_panel(r, windows) for _, r in recs) if c})
+    if not caches:
+        return None
+    fig = make_subplots(rows=1, cols=len(caches), shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=[f"cache {c:,}" for c in caches])
+    shown = set()
+    for col, cache in enumerate(caches, start=1):
+        curves = {}
+        for label, r in recs:
+            if _placement_panel(r, windows) == cache:
+                curves.setdefault((label, r["method"], r.get("position_scheme"), r.get("placement_window")),
+                                  []).append(r)
+        order = sorted(curves, key=lambda k: (styles.rank(k[1]), k[2] or "", k[3] or 0, k[0]))
+        for key in order:
+            label, method, scheme, window = key
+            points = sorted(curves[key], key=lambda r: PLACEMENTS.index(r["placement"]))
+            name = series_name(points[0]) + _run_suffix(runs, label)
+            if not points[0].get("cache_size"):
+                name += f" (distances of window {window:,})"
+            trace = series_trace(
+                styles, method=method, cache_size=points[0].get("cache_size"), run_label=label,
+                x=[r["placement"] for r in points], y=[r["recall"] for r in points], name=name,
+                derived="recall.recall", legendgroup=name, showlegend=name not in shown,
+                error_y=dict(type="data", symmetric=False, thickness=1,
+                             array=[r["ci95"][1] - r["recall"] if r.get("ci95") else 0 for r in points],
+                             arrayminus=[r["recall"] - r["ci95"][0] if r.get("ci95") else 0 for r in points]),
+                customdata=[[r["distance"], r["placement_window"]] for r in points],
+                hovertemplate="first copy at the %{x} of the window (%{customdata[1]:,} tokens)<br>d = "
+                              "%{customdata[0]:,} tokens<br>recall %{y:.3f}<extra>" + esc(name) + "</extra>")
+            if scheme == "original":  # the second scheme of one cache: the same colour, marks of its own
+                trace.line.dash = styles.scheme_dash(points[0].get("cache_size"), label, scheme)
+                trace.marker.symbol = styles.scheme_symbol(points[0].get("cache_size"), label, scheme)
+            shown.add(name)
+            fig.add_trace(trace, row=1, col=col)
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=list(PLACEMENTS),
+                     title_text="where the first copy sits in the window when the repeat begins")
+    fig.update_yaxes(range=[-0.15, 1.05], showticklabels=True)
+    fig.update_yaxes(title_text="recall = 1 - NLL(repeat) / NLL(first copy)", col=1)
+    fig.add_annotation(xref="paper", yref="paper", x=0, y=-0.3, showarrow=False, xanchor="left", align="left",
+                       text="The same probe with the first copy at the start (the oldest tokens the window holds: "
+                            "d = window - passage), the middle, or the end (d = 0) of the window as the repeat "
+                            "begins: the \"lost in the middle\" question. A flat line remembers the whole window "
+                            "alike; dense at the same distances is the reference.")
+    fig.update_layout(title="Where in the window a passage is remembered (bars: 95% interval over passages)",
+                      margin=dict(b=140))
+    return fig
+
+
 FIGURES = [
     ("latency", fig_latency_vs_cache),
     ("throughput", fig_throughput_vs_length),
@@ -791,6 +861,7 @@ FIGURES = [
     ("stability", fig_stability),
     ("attention", fig_attention_share),
     ("recall", fig_recall),
+    ("recall-placement", fig_recall_placement),
 ]
 
 
