@@ -778,12 +778,16 @@ def fig_recall(runs):
 PLACEMENTS = ("start", "middle", "end")
 
 
-def _placement_panel(rec, windows: dict) -> int | None:
-    """The cache whose panel a placement record belongs to: its own, or for dense (no cache) the cache whose window
-    set its distances."""
+def _placement_panels(rec, windows: dict) -> list[tuple[int, int]]:
+    """The (cache, window) panels a placement record is drawn in: its own cache; for dense (no cache), the cache
+    whose window set its distance (`windows`: dense's window -> cache), and every one of them for "end" (d = 0 ends
+    every window, so a run records it once)."""
     if rec.get("cache_size"):
-        return rec["cache_size"]
-    return windows.get(rec.get("placement_window"))
+        return [(rec["cache_size"], rec["placement_window"])]
+    if rec.get("placement") == "end":
+        return sorted((cache, window) for window, cache in windows.items())
+    window = rec.get("placement_window")
+    return [(windows.get(window, window), window)]
 
 
 def fig_recall_placement(runs):
@@ -796,9 +800,12 @@ def fig_recall_placement(runs):
     recs = [(label, r) for label, run in runs for r in run.records
             if r.get("record") == "recall" and r.get("probe") == "placement" and r.get("status") == "ok"
             and r.get("placement") in PLACEMENTS]
-    # a window belongs to the cache that holds it: sink 4+252's 252, window 256's 256
-    windows = {r["placement_window"]: r["cache_size"] for _, r in recs if r.get("cache_size")}
-    caches = sorted({c for c in (_placement_panel(r, windows) for _, r in recs) if c})
+    # a window belongs to the cache that holds it: sink 4+252's 252, window 256's 256; dense's distances were set
+    # from the windows its run's caches have (sink's where there are sinks)
+    held = {r["placement_window"]: r["cache_size"] for _, r in recs if r.get("cache_size")}
+    windows = {w: held.get(w, w) for w in {r["placement_window"] for _, r in recs if not r.get("cache_size")}}
+    panels = {(label, id(r)): _placement_panels(r, windows) for label, r in recs}
+    caches = sorted({c for found in panels.values() for c, _ in found})
     if not caches:
         return None
     fig = make_subplots(rows=1, cols=len(caches), shared_yaxes=True, horizontal_spacing=0.06,
@@ -807,9 +814,9 @@ def fig_recall_placement(runs):
     for col, cache in enumerate(caches, start=1):
         curves = {}
         for label, r in recs:
-            if _placement_panel(r, windows) == cache:
-                curves.setdefault((label, r["method"], r.get("position_scheme"), r.get("placement_window")),
-                                  []).append(r)
+            for panel, window in panels[(label, id(r))]:
+                if panel == cache:
+                    curves.setdefault((label, r["method"], r.get("position_scheme"), window), []).append(r)
         order = sorted(curves, key=lambda k: (styles.rank(k[1]), k[2] or "", k[3] or 0, k[0]))
         for key in order:
             label, method, scheme, window = key
@@ -824,7 +831,8 @@ def fig_recall_placement(runs):
                 error_y=dict(type="data", symmetric=False, thickness=1,
                              array=[r["ci95"][1] - r["recall"] if r.get("ci95") else 0 for r in points],
                              arrayminus=[r["recall"] - r["ci95"][0] if r.get("ci95") else 0 for r in points]),
-                customdata=[[r["distance"], r["placement_window"]] for r in points],
+                customdata=[[r["distance"], r["placement_window"] if r.get("cache_size") else window]
+                            for r in points],
                 hovertemplate="first copy at the %{x} of the window (%{customdata[1]:,} tokens)<br>d = "
                               "%{customdata[0]:,} tokens<br>recall %{y:.3f}<extra>" + esc(name) + "</extra>")
             if scheme == "original":  # the second scheme of one cache: the same colour, marks of its own
