@@ -748,12 +748,10 @@ def fig_recall(runs):
                 trace.line.dash = styles.scheme_dash(cache_size, label, scheme)
                 trace.marker.symbol = styles.scheme_symbol(cache_size, label, scheme)
             fig.add_trace(trace)
-            if cache_size and (cache_size, sinks) not in marked:
-                marked.add((cache_size, sinks))
-                window = cache_size - sinks
-                fig.add_vline(x=math.log10(max(1, window - points[0]["passage_tokens"])),
-                              line=dict(color="#999", dash=styles.dash(cache_size)),
-                              annotation_text=f"cache {cache_label(points[0])}", annotation_position="top")
+            if cache_size and cache_size not in marked:  # once per cache size (4+252 and 256 sit 4 apart)
+                marked.add(cache_size)
+                _log_x_line(fig, max(1, cache_size - sinks - points[0]["passage_tokens"]), f"cache {cache_size:,}",
+                            dict(color="#999", dash=styles.dash(cache_size)), y=1.0, yanchor="bottom")
     if not fig.data:
         return None
     distances = sorted({x for t in fig.data for x in t.x})
@@ -763,16 +761,24 @@ def fig_recall(runs):
     pretraining = next((r.get("pretraining_length") for _, run in runs for r in run.records
                         if r.get("record") == "recall"), None)
     if pretraining:
-        fig.add_vline(x=math.log10(pretraining), line=dict(color="#555", dash="dash"),
-                      annotation_text=f"pre-training length {pretraining:,}", annotation_position="bottom left")
-    fig.add_annotation(xref="paper", yref="paper", x=0, y=-0.22, showarrow=False, xanchor="left", align="left",
+        _log_x_line(fig, pretraining, f"pre-training length {pretraining:,}", dict(color="#555", dash="dash"),
+                    y=0.06, yanchor="bottom", xanchor="right")
+    fig.add_annotation(xref="paper", yref="paper", x=0, y=-0.4, showarrow=False, xanchor="left", align="left",
                        text="A random passage is planted, d tokens of text follow, then it is repeated: recall near 1 "
-                            "means the method still sees it, near 0 that it is gone. Sink and window caches remember "
-                            "up to their window (the marked line: d = window - passage) and nothing beyond; dense "
-                            "remembers until its positions leave what the model was trained on.")
+                            "means the method still sees it, near 0 that it is gone.<br>Sink and window caches "
+                            "remember up to their window (the marked line: d = window - passage) and nothing beyond; "
+                            "dense remembers<br>until its positions leave what the model was trained on.")
     fig.update_layout(title="What each method remembers: recall against distance (bars: 95% interval over "
-                            "passages)", margin=dict(b=120))
+                            "passages)", margin=dict(b=170))
     return fig
+
+
+def _log_x_line(fig, x: float, text: str, line: dict, y: float, yanchor: str, xanchor: str = "center") -> None:
+    """A vertical line at data value `x` on a log x axis, labelled: a shape takes the data value, an annotation its
+    log10 (plotly's convention for each; `add_vline` gives both the same number, so one of them lands wrong)."""
+    fig.add_shape(type="line", x0=x, x1=x, xref="x", y0=0, y1=1, yref="paper", line=line)
+    fig.add_annotation(x=math.log10(x), xref="x", y=y, yref="paper", yanchor=yanchor, xanchor=xanchor, text=text,
+                       showarrow=False, font=dict(size=11))
 
 
 PLACEMENTS = ("start", "middle", "end")
@@ -844,13 +850,13 @@ def fig_recall_placement(runs):
                      title_text="where the first copy sits in the window when the repeat begins")
     fig.update_yaxes(range=[-0.15, 1.05], showticklabels=True)
     fig.update_yaxes(title_text="recall = 1 - NLL(repeat) / NLL(first copy)", col=1)
-    fig.add_annotation(xref="paper", yref="paper", x=0, y=-0.3, showarrow=False, xanchor="left", align="left",
+    fig.add_annotation(xref="paper", yref="paper", x=0, y=-0.38, showarrow=False, xanchor="left", align="left",
                        text="The same probe with the first copy at the start (the oldest tokens the window holds: "
-                            "d = window - passage), the middle, or the end (d = 0) of the window as the repeat "
+                            "d = window - passage), the middle,<br>or the end (d = 0) of the window as the repeat "
                             "begins: the \"lost in the middle\" question. A flat line remembers the whole window "
-                            "alike; dense at the same distances is the reference.")
+                            "alike;<br>dense at the same distances is the reference.")
     fig.update_layout(title="Where in the window a passage is remembered (bars: 95% interval over passages)",
-                      margin=dict(b=140))
+                      margin=dict(b=160))
     return fig
 
 
