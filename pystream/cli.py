@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="passages per distance, each its own seed, text and stream position (default 3)")
     rec.add_argument("--passage-tokens", type=int, default=64, help="random tokens per passage (default 64)")
     rec.add_argument("--far-position", default="32k",
-                     help="stream position of the far probe's passage (sink and window, smallest cache; "
-                          "default 32k)")
+                     help="stream position of the far probe's passages (sink in both position schemes, smallest "
+                          "cache, 2 passages; default 32k)")
     rec.add_argument("--recall-probes", default="distance,far,placement",
                      help="distance (recall against distance), far (deep into a stream), placement (first copy "
                           "at the start, middle or end of what the cache holds); default all")

@@ -19,7 +19,7 @@ predicted token, at every `recompute_stride`-th token of both copies (the same t
 
 Three probes, one record kind ("recall"):
 - "distance": recall against d for every method, cache size and position scheme;
-- "far": the first copy `far_position` tokens into the stream (sink and window, via the evaluator's warm-up: the
+- "far": the first copy `far_position` tokens into the stream (sink in both schemes, via the evaluator's warm-up: the
   exact state of a long stream from its last `layers x (window - 1)` tokens), where "original" positions have long
   left the pre-training range;
 - "placement": where in what the cache holds the first copy sits when the repeat starts: at its start (d = W - P, the
