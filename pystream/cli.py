@@ -163,17 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stream a separate sink stream this long for stability (for example 1M); default: "
                           "analyse the ppl stream")
     rec = p.add_argument_group("what each method remembers (--experiment recall)")
-    rec.add_argument("--recall-methods", default="dense,dense-pi:2,dense-ntk:2,dense-yarn:2,sink,window,recompute",
-                     help="methods probed (default: dense, the three RoPE-scaled baselines at 2x, sink and window in "
-                          "both position schemes, recompute)")
-    rec.add_argument("--recall-distances", default="16,64,256,1024,4096,10240",
-                     help="tokens of text between the passage and its repeat (default 16,64,256,1024,4096,10240)")
+    rec.add_argument("--recall-methods", default="dense,dense-yarn:2,sink,window,recompute",
+                     help="methods probed (default: dense, YaRN-scaled dense at 2x, sink in both position schemes, "
+                          "window, recompute; dense-pi:F and dense-ntk:F are the other scaled baselines)")
+    rec.add_argument("--recall-distances", default="16,64,256,1k,4k,9k",
+                     help="tokens of text between the passage and its repeat (default 16,64,256,1k,4k,9k: past the "
+                          "bundled model's 8k pre-training length); sink, window and recompute stop at "
+                          "--recall-cache-reach times their cache")
+    rec.add_argument("--recall-cache-reach", type=int, default=4,
+                     help="sink, window and recompute: distances up to this many times their cache, where they have "
+                          "long forgotten (default 4; 0: every distance)")
     rec.add_argument("--recall-passages", type=int, default=3,
                      help="passages per distance, each its own seed, text and stream position (default 3)")
     rec.add_argument("--passage-tokens", type=int, default=64, help="random tokens per passage (default 64)")
     rec.add_argument("--far-position", default="32k",
-                     help="stream position of the far probe's passage (sink and window, smallest cache; "
-                          "default 32k)")
+                     help="stream position of the far probe's passages (sink in both position schemes, smallest "
+                          "cache, 2 passages; default 32k)")
     rec.add_argument("--recall-probes", default="distance,far,placement",
                      help="distance (recall against distance), far (deep into a stream), placement (first copy "
                           "at the start, middle or end of what the cache holds); default all")
@@ -259,6 +264,7 @@ class RunConfig:
     passage_tokens: int | None = None
     far_position: int | None = None
     recall_probes: tuple[str, ...] | None = None
+    recall_cache_reach: int | None = None
     argv: tuple[str, ...] | None = None  # the command line as given (None: sys.argv), for run.json and resuming
 
 
@@ -392,13 +398,16 @@ def _validate_recall(args, cache_sizes) -> dict:
     if not 2 <= args.recall_passages <= 10_000:
         raise UsageError("--recall-passages must be >= 2 (the interval is over passages) and <= 10,000, "
                          f"got {args.recall_passages}")
+    if not 0 <= args.recall_cache_reach <= 1_000_000:
+        raise UsageError(f"--recall-cache-reach must be >= 0 and <= 1,000,000, got {args.recall_cache_reach}")
     if not 2 <= args.passage_tokens <= MAX_CAPACITY:
         raise UsageError(f"--passage-tokens must be >= 2 and <= {MAX_CAPACITY:,}, got {args.passage_tokens}")
     if "sink" in methods and any(c <= args.sinks for c in cache_sizes):
         raise UsageError(f"--cache-sizes: every size must be larger than --sinks {args.sinks}")
     return {"recall_methods": tuple(dict.fromkeys(methods)), "recall_distances": tuple(sorted(set(distances))),
             "recall_passages": args.recall_passages, "passage_tokens": args.passage_tokens,
-            "far_position": parse_size(args.far_position, "--far-position"), "recall_probes": tuple(probes)}
+            "far_position": parse_size(args.far_position, "--far-position"), "recall_probes": tuple(probes),
+            "recall_cache_reach": args.recall_cache_reach}
 
 
 def check_out_dir(out: Path, resume: bool) -> None:
@@ -462,7 +471,8 @@ def run_metadata(config: RunConfig, loaded, text, n_tokens) -> dict:
             "experiment_cache": config.experiment_cache if config.experiment == "paper" else None,
             **({"recall_methods": list(config.recall_methods), "recall_distances": list(config.recall_distances),
                 "recall_passages": config.recall_passages, "passage_tokens": config.passage_tokens,
-                "far_position": config.far_position, "recall_probes": list(config.recall_probes)}
+                "far_position": config.far_position, "recall_probes": list(config.recall_probes),
+                "recall_cache_reach": config.recall_cache_reach}
                if config.experiment == "recall" else {}),
         },
         "versions": {"pystream": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -649,7 +659,7 @@ def _run_recall(config: RunConfig, loaded, ids, writer, console, out_console) ->
     cfg = RecallConfig(passage_tokens=config.passage_tokens, distances=config.recall_distances,
                        passages=config.recall_passages, methods=config.recall_methods,
                        cache_sizes=config.cache_sizes, sinks=config.sinks, probes=config.recall_probes,
-                       far_position=config.far_position, seed=config.seed)
+                       far_position=config.far_position, cache_reach=config.recall_cache_reach, seed=config.seed)
     progress = make_progress(console)
     started = time.perf_counter()
     with saving_on_interrupt(writer, console, config.out, config.argv) as interrupted, progress:

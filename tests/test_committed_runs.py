@@ -22,7 +22,7 @@ ABSOLUTE = re.compile(r"(?<![\w.~+-])/[A-Za-z0-9_.-]+/")
 
 def test_there_are_committed_runs():
     assert {p.relative_to(REPORTS).as_posix() for p in RUNS} >= {"default-run", "paper-experiment",
-                                                                   "context-extension", "gpu-h200/cells"}
+                                                                   "context-extension", "gpu-h200/cells", "recall"}
 
 
 @pytest.mark.parametrize("run_dir", RUNS, ids=lambda p: p.relative_to(REPORTS).as_posix())
@@ -30,11 +30,13 @@ def test_committed_run_reads_and_renders(run_dir):
     run = load_run(run_dir)
     lines = [line for line in (run_dir / RESULTS).read_text().splitlines() if line.strip()]
     assert len(run.records) == len(lines) > 0
-    assert {r["record"] for r in run.records} <= {"cell", "quality", "attention"}
+    assert {r["record"] for r in run.records} <= {"cell", "quality", "attention", "recall"}
     page = build_report([(run_dir.name, run)])
     assert "Plotly.newPlot" in page and "id='fig-" in page
     if any(r["record"] == "cell" for r in run.records):
         assert "<table class='cells'>" in page
+    if any(r["record"] == "recall" and r["probe"] == "placement" for r in run.records):
+        assert "id='fig-recall'" in page and "id='fig-recall-placement'" in page
 
 
 def strings(value):

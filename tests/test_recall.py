@@ -136,8 +136,10 @@ def test_recall_experiment_through_the_cli(tmp_path, capsys, tiny_model_dir, tex
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["record"] for r in records} == {"recall"}
     curve = [r for r in records if r["probe"] == "distance"]
-    # dense, dense-pi:2, sink and window x 2 schemes x 2 caches, recompute x 2 caches; 3 distances each
-    assert len(curve) == 3 * (2 + 4 + 4 + 2)
+    # dense, dense-pi:2, sink x 2 schemes x 2 caches, window (one scheme: no sinks, both alike) and recompute
+    # x 2 caches; 3 distances each
+    assert len(curve) == 3 * (2 + 4 + 2 + 2)
+    assert {r["position_scheme"] for r in curve if r["method"] == "window"} == {"in-cache"}
     for r in records:
         assert r["passages"] == 2 and len(r["first_nll"]) == len(r["repeat_nll"]) == 2
         per = [1 - b / a for a, b in zip(r["first_nll"], r["repeat_nll"])]
@@ -145,7 +147,8 @@ def test_recall_experiment_through_the_cli(tmp_path, capsys, tiny_model_dir, tex
         assert r["ci95"][0] <= r["recall"] <= r["ci95"][1]
     places = {(r["method"], r["cache_size"], r["placement"]) for r in records if r["probe"] == "placement"}
     assert ("sink", 24, "middle") in places and ("dense", None, "start") in places
-    assert {r["position_scheme"] for r in records if r["probe"] == "far"} == {"in-cache", "original"}
+    far = [r for r in records if r["probe"] == "far"]
+    assert {r["position_scheme"] for r in far} == {"in-cache", "original"} and {r["method"] for r in far} == {"sink"}
     assert "recall against distance" in stdout
     html = (out / "report.html").read_text()
     assert "id='fig-recall'" in html
@@ -199,3 +202,77 @@ def test_bundled_sink_256_forgets_at_1024(bundled):
 def test_bundled_sink_1024_remembers_at_512(bundled):
     model, ids = bundled
     assert bundled_recall(model, ids, lambda: _StreamFeeder(model, 4, 1020, "in-cache"), 512) >= 0.8
+
+
+class PlanWatcher(InterruptAfter):
+    """The progress stand-in that keeps the plan the experiment hands its overall bar, and each remaining-time
+    estimate at the moment an item finishes."""
+
+    def __init__(self):
+        super().__init__()
+        self.plan, self.left = None, []
+
+    def add_task(self, *a, plan=None, **k):
+        if plan is not None:
+            self.plan = plan
+        return 0
+
+    def advance(self, *a, **k):
+        if self.plan is not None:
+            self.left.append(self.plan.remaining_s())
+        super().advance()
+
+
+def test_the_plan_covers_what_runs_and_its_estimate_comes_from_measured_rates():
+    model = tiny_model("llama")
+    cfg = RecallConfig(passages=2, passage_tokens=8, distances=(4, 16, 200), cache_sizes=(24, 40), sinks=2,
+                       methods=("dense", "sink", "window", "recompute"), far_position=400, far_distances=(4,),
+                       recompute_stride=4, cache_reach=4)
+    writer, watcher = Writer(), PlanWatcher()
+    experiment = RecallExperiment(cfg, model, TEXT, writer, watcher)
+    work = experiment.work()
+    experiment.run()
+    plan = watcher.plan
+    # one item per passage of each pass, all finished, none left
+    assert len(plan.items) == sum(len(w.passages) for w in work) and not plan.pending
+    assert [item.key for item, _ in plan.finished] == [item.key for item in plan.items]
+    assert watcher.left[-1] == 0
+    # after the first item the estimate uses its measured rate, not the (much slower) prior from the model's size
+    first_item, _ = plan.finished[0]
+    assert plan.model.measured(first_item.parts[0].kind) is not None
+    # sink, window and recompute stop at 4x their cache (200 > 4 x 40); dense goes on; window once, both schemes
+    # for sink, the far probe for sink alone
+    curve = {(r["method"], r["cache_size"], r["position_scheme"]): [] for r in writer.records}
+    for r in writer.records:
+        if r["probe"] == "distance":
+            curve[(r["method"], r["cache_size"], r["position_scheme"])].append(r["distance"])
+    assert curve[("dense", None, None)] == [4, 16, 200]
+    assert curve[("sink", 24, "in-cache")] == curve[("sink", 40, "original")] == [4, 16]
+    assert ("window", 24, "original") not in curve and curve[("window", 40, "in-cache")] == [4, 16]
+    assert curve[("recompute", 40, None)] == [4, 16]
+    assert {(r["method"], r["position_scheme"]) for r in writer.records if r["probe"] == "far"} == \
+        {("sink", "in-cache"), ("sink", "original")}
+    assert all(r["passages"] == 2 for r in writer.records)
+
+
+def test_the_plan_prices_a_pass_by_what_it_feeds():
+    """A dense pass to a longer distance costs more units; a far pass is priced from its warm-up start, not from
+    token 0; recompute by the windows it re-reads."""
+    model = tiny_model("llama")
+    cfg = RecallConfig(passages=1, passage_tokens=8, far_position=4000, cache_sizes=(24,), sinks=2)
+    experiment = RecallExperiment(cfg, model, TEXT, Writer(), InterruptAfter())
+    from pystream.measure.recall import Setting, Work
+    near = make_passages(TEXT, cfg)[0]
+    far = make_passages(TEXT, cfg, position=4000)[0]
+    dense = Setting("dense", None, 0, None)
+    sink = Setting("sink", 24, 2, "in-cache")
+
+    def units(work, pas):
+        return sum(p.units for p in experiment.parts(work, pas))
+    assert units(Work(dense, False, (16, 2000), (near,)), near) > 2 * units(Work(dense, False, (16, 200), (near,)),
+                                                                            near)
+    far_units = units(Work(sink, True, (16,), (far,)), far)
+    assert far_units < units(Work(sink, False, (16,), (far,)), far) / 10  # 4,000 tokens in, a warm-up of 2 x 21
+    recompute = Setting("recompute", 24, 0, None)
+    assert units(Work(recompute, False, (4, 16), (near,)), near) == pytest.approx(
+        1.5 * units(Work(recompute, False, (4,), (near,)), near))  # (1 + 2) / (1 + 1) copies scored

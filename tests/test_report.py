@@ -116,6 +116,86 @@ def make_run_at_lengths(folder: Path) -> Path:
     return folder
 
 
+RECALL_SETTINGS = (("dense", None, 0, None), ("sink", 256, 4, "in-cache"), ("sink", 256, 4, "original"),
+                   ("window", 256, 0, "in-cache"), ("recompute", 256, 0, None), ("sink", 1024, 4, "in-cache"))
+
+
+def make_recall_run(folder: Path) -> Path:
+    """A recall run (`--experiment recall`): recall against distance per method, and the placement probe, whose
+    dense records sit at the distances of each cache's window."""
+    folder.mkdir(parents=True)
+    meta = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "started": "2026-11-29T10:00:00+0000",
+            "command": "pystream-bench --experiment recall", "config": {"experiment": "recall"},
+            "versions": {"pystream": "0.1.0"}, "device": {"kind": "cpu", "name": "Test CPU", "threads": 1},
+            "model": {"name": "smollm2-135m", "max_position_embeddings": 8192}, "text": {"name": "kjv"}}
+    (folder / META).write_text(json.dumps(meta))
+    records = []
+
+    def add(method, cache, sinks, scheme, probe, d, value, placement=None, window=None):
+        mode = f"recall-{probe}" + (f":{placement}" if placement else "") + f"/{scheme or '-'}"
+        extra = {"placement": placement, "placement_window": window} if placement else {}
+        records.append(record("recall", method=method, cache_size=cache, sinks=sinks, position_scheme=scheme,
+                              length=d, mode=mode, status="ok", probe=probe, distance=d, passage_tokens=64,
+                              passages=3, first_nll=[13.0, 13.2, 13.4], repeat_nll=[13.0 * (1 - value)] * 3,
+                              recall_per_passage=[value] * 3, recall=value, ci95=[value - 0.05, value + 0.05],
+                              pretraining_length=8192, **extra))
+
+    for method, cache, sinks, scheme in RECALL_SETTINGS:
+        for d in (16, 256, 1024, 9216):
+            held = (d + 64 <= cache - sinks) if cache else d < 8192
+            add(method, cache, sinks, scheme, "distance", d, (0.9 if held else 0.02) - (0.1 if scheme == "original"
+                                                                                         else 0.0))
+        windows = [cache - sinks] if cache else [252, 1020]
+        for window in windows:
+            for where, d, value in (("start", window - 64, 0.7), ("middle", (window - 64) // 2, 0.8),
+                                    ("end", 0, 0.95)):
+                if where == "end" and window != windows[0]:
+                    continue  # d = 0 ends every window: recorded once (one record key), as the experiment does
+                add(method, cache, sinks, scheme, "placement", d, value - (0.05 if method == "dense" else 0.0),
+                    where, window)
+    (folder / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def test_recall_placement_is_drawn_per_cache_start_to_end(tmp_path):
+    """One panel per cache, placements in the order start, middle, end, every method's recall at each, with its
+    interval; dense in each panel at the distances of that cache's window."""
+    run = make_recall_run(tmp_path / "run")
+    fig = rendered(tmp_path, [run])["recall-placement"]
+    records = [r for r in load_run(run).records if r["probe"] == "placement"]
+    titles = [a["text"] for a in fig["layout"]["annotations"] if a["text"].startswith("cache ")]
+    assert titles == ["cache 256", "cache 1,024"]
+    panels = {}
+    for trace in fig["data"]:
+        panels.setdefault(trace.get("xaxis", "x"), []).append(trace["name"])
+        assert list(trace["x"]) == ["start", "middle", "end"], trace["name"]
+    assert panels["x"] == ["dense (distances of window 252)", "recompute 256", "sink 4+252",
+                           "sink 4+252 (original positions)", "window 256"]
+    assert panels["x2"] == ["dense (distances of window 1,020)", "sink 4+1020"]
+    for trace in fig["data"]:
+        method, *rest = trace["name"].split(" ")
+        mine = [r for r in records if r["method"] == method and (
+            r["cache_size"] is None and (f"window {r['placement_window']:,})" in trace["name"]
+                                         or r["placement"] == "end")
+            or r["cache_size"] and series_label(r) == trace["name"])]
+        by = {r["placement"]: r for r in mine}
+        assert values(trace["y"]) == [by[p]["recall"] for p in ("start", "middle", "end")]
+        assert [d for d, _ in trace["customdata"]] == [by[p]["distance"] for p in ("start", "middle", "end")]
+        assert values(trace["error_y"]["array"]) == pytest.approx([0.05] * 3)
+    xaxis = fig["layout"]["xaxis"]
+    assert xaxis["type"] == "category" and list(xaxis["categoryarray"]) == ["start", "middle", "end"]
+    # a run without placement records draws no such figure
+    kept = [json.dumps(r) for r in load_run(run).records if r["probe"] != "placement"]
+    (run / RESULTS).write_text("\n".join(kept) + "\n")
+    assert "recall-placement" not in rendered(tmp_path, [run]) and "recall" in rendered(tmp_path, [run])
+
+
+def series_label(rec):
+    from pystream.report.html import series_name
+
+    return series_name(rec)
+
+
 def test_quality_at_lengths_is_drawn_per_method_and_scheme(tmp_path):
     run = make_run_at_lengths(tmp_path / "run")
     html = write_report([run], tmp_path / "report.html").read_text()
@@ -268,14 +348,16 @@ def example_runs(tmp_path, name):
         return [make_run(tmp_path / "run", nodes=("node-a", "node-b"))]
     if name == "at lengths":
         return [make_run_at_lengths(tmp_path / "run")]
+    if name == "recall":
+        return [make_recall_run(tmp_path / "run")]
     if name == "at lengths, compared":
         return [make_run_at_lengths(tmp_path / "main"), make_run_at_lengths(tmp_path / "branch")]
-    return [REPORTS / name]
+    return [REPORTS / ("recall" if name == "recall-run" else name)]
 
 
-EXAMPLES = ["fixture", "comparison", "batch 4", "two nodes", "at lengths", "at lengths, compared", "default-run",
-            "paper-experiment", "context-extension",
-            "gpu-h200/1m"]
+EXAMPLES = ["fixture", "comparison", "batch 4", "two nodes", "at lengths", "at lengths, compared", "recall",
+            "default-run", "paper-experiment", "context-extension",
+            "gpu-h200/1m", "recall-run"]
 
 
 def rendered(tmp_path, runs):
@@ -350,7 +432,7 @@ def identity(trace) -> tuple:
 
 
 @pytest.mark.parametrize("example", ["fixture", "comparison", "two nodes", "at lengths", "at lengths, compared",
-                                     "default-run", "paper-experiment", "context-extension"])
+                                     "recall", "recall-run", "default-run", "paper-experiment", "context-extension"])
 def test_each_series_has_its_own_identity(tmp_path, example):
     """No two traces of a subplot look alike; a series keeps its look in every figure; a series of fewer than three
     points is drawn as points, not as a line."""
@@ -559,7 +641,8 @@ def _hex(color: str) -> np.ndarray:
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("example", ["fixture", "default-run", "paper-experiment", "context-extension"])
+@pytest.mark.parametrize("example", ["fixture", "default-run", "paper-experiment", "context-extension",
+                                     "recall-run"])
 def test_every_figure_is_drawn_at_1400_px(tmp_path, example):
     """A screenshot of every figure at 1400 px is not blank, and every series colour of a figure shows in it (a
     series drawn exactly under another would not)."""

@@ -19,7 +19,7 @@ predicted token, at every `recompute_stride`-th token of both copies (the same t
 
 Three probes, one record kind ("recall"):
 - "distance": recall against d for every method, cache size and position scheme;
-- "far": the first copy `far_position` tokens into the stream (sink and window, via the evaluator's warm-up: the
+- "far": the first copy `far_position` tokens into the stream (sink in both schemes, via the evaluator's warm-up: the
   exact state of a long stream from its last `layers x (window - 1)` tokens), where "original" positions have long
   left the pre-training range;
 - "placement": where in what the cache holds the first copy sits when the repeat starts: at its start (d = W - P, the
@@ -39,11 +39,15 @@ from ..cache.chunked_attention import POSITION_SCHEMES, ChunkedStream
 from ..cache.hf import dense_cache, dense_truncate, rope_scaled
 from .baselines import recompute_logits
 from .cells import SCALED_DENSE
+from .eta import CostModel, Item, Part, Plan, prior_rates
 from .evaluator import warmup_start
 
 PROBES = ("distance", "far", "placement")
 PLACEMENTS = ("start", "middle", "end")
 RECALL_METHODS = ("dense", "dense-pi:2", "dense-ntk:2", "dense-yarn:2", "sink", "window", "recompute")
+# The defaults fit the issue's 10 minutes on a 2-core CPU (measured costs in the README's recall section): one scaled
+# baseline, YaRN, the best of the three past the pre-training length in reports/context-extension.
+DEFAULT_METHODS = ("dense", "dense-yarn:2", "sink", "window", "recompute")
 
 # two-sided 95% Student t quantiles by degrees of freedom (an interval over a handful of passages)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -58,18 +62,22 @@ def t95(df: int) -> float:
 @dataclass(frozen=True)
 class RecallConfig:
     passage_tokens: int = 64  # P
-    distances: tuple[int, ...] = (16, 64, 256, 1024, 4096, 10240)
+    distances: tuple[int, ...] = (16, 64, 256, 1024, 4096, 9216)  # x4 steps, past the 8,192 pre-training length
     passages: int = 3
-    methods: tuple[str, ...] = RECALL_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     position_schemes: tuple[str, ...] = POSITION_SCHEMES
     cache_sizes: tuple[int, ...] = (256, 1024)
     sinks: int = 4
     probes: tuple[str, ...] = PROBES
-    first_position: int = 512  # passage i's first copy sits at first_position * (i + 1)
+    first_position: int = 256  # passage i's first copy sits at first_position * (i + 1)
     far_position: int = 32_768
     far_distances: tuple[int, ...] = (16, 128)
     far_cache_sizes: tuple[int, ...] | None = None  # None: the smallest cache size
-    recompute_stride: int = 4
+    far_passages: int = 2  # each costs the evaluator's whole warm-up (layers x (window - 1) tokens)
+    # sink, window and recompute: distances up to this many times their capacity (0: every distance). They have
+    # forgotten by then (recall ~0 from about one capacity on), and their stream costs what its longest distance does.
+    cache_reach: int = 4
+    recompute_stride: int = 64  # the last token of each copy (P = 64): a context-long forward per scored token
     chunk: int = 1024
     seed: int = 0
 
@@ -84,10 +92,11 @@ class Passage:
     seed: int
 
 
-def make_passages(text_ids: np.ndarray, cfg: RecallConfig, position: int | None = None) -> list[Passage]:
+def make_passages(text_ids: np.ndarray, cfg: RecallConfig, position: int | None = None,
+                  count: int | None = None) -> list[Passage]:
     vocab = np.unique(text_ids)  # tokens the text uses: ordinary tokens, never special ones
     out = []
-    for i in range(cfg.passages):
+    for i in range(cfg.passages if count is None else count):
         rng = np.random.default_rng([cfg.seed, i])
         tokens = torch.from_numpy(rng.choice(vocab, size=cfg.passage_tokens).astype(np.int64))
         offset = int(rng.integers(0, len(text_ids)))
@@ -267,6 +276,42 @@ def placement_distance(where: str, window: int, passage_tokens: int) -> int:
     return {"start": span, "middle": span // 2, "end": 0}[where]
 
 
+# ---- the time left ----------------------------------------------------------------------------------------------
+# A token fed in a chunked forward that attends to `a` keys costs about (1 + a / ATTENDED_DOUBLING) times one that
+# attends to none. Fitted here (SmolLM2-135M, CPU, 1 thread, process time): the evaluator at 4+252 3.65 ms a token,
+# at 4+1020 4.75; dense over 1,884 tokens 4.07 ms a token, over 5,384 5.79: both give 2,300-3,200.
+ATTENDED_DOUBLING = 2700
+
+
+def _units(tokens: float, attended: float) -> float:
+    return tokens * (1 + attended / ATTENDED_DOUBLING)
+
+
+class _RecallCosts(CostModel):
+    """Every kind here is a chunked forward of the same model, its attention carried by the units: until a kind is
+    measured, any measured kind's rate per unit predicts it far better than a prior from the model's size."""
+
+    def rate(self, kind: str, size: int | None = None) -> float:
+        own = self.measured(kind, size)
+        if own is not None:
+            return own
+        for other in self.by_kind:
+            measured = self.measured(other)
+            if measured is not None:
+                return measured
+        return self.priors[kind]
+
+
+@dataclass(frozen=True)
+class Work:
+    """One setting's pass over its passages at some distances: one plan item per passage."""
+
+    setting: Setting
+    far: bool
+    distances: tuple[int, ...]
+    passages: tuple[Passage, ...]
+
+
 class RecallExperiment:
     def __init__(self, cfg: RecallConfig, model, ids: np.ndarray, writer, progress):
         self.cfg, self.model, self.writer, self.progress = cfg, model, writer, progress
@@ -280,8 +325,11 @@ class RecallExperiment:
             if m == "dense" or SCALED_DENSE.fullmatch(m):
                 out.append(Setting(m, None, 0, None))
             for c in cfg.cache_sizes:
-                if m in ("sink", "window"):
-                    out += [Setting(m, c, cfg.sinks if m == "sink" else 0, s) for s in cfg.position_schemes]
+                if m == "sink":
+                    out += [Setting(m, c, cfg.sinks, s) for s in cfg.position_schemes]
+                elif m == "window":
+                    # no sinks: only distances within the window count, the same in both schemes; measured once
+                    out.append(Setting(m, c, 0, cfg.position_schemes[0]))
                 elif m == "recompute":
                     out.append(Setting(m, c, 0, None))
         return out
@@ -294,6 +342,24 @@ class RecallExperiment:
         mode = f"recall-{probe}" + (f":{placement}" if placement else "") + f"/{s.position_scheme or '-'}"
         return {"record": "recall", "method": s.method, "cache_size": s.cache_size, "sinks": s.sinks,
                 "length": distance, "mode": mode, "position_scheme": s.position_scheme}
+
+    def curve(self, s: Setting) -> list[int]:
+        """The distances of this setting's curve: every one asked, up to `cache_reach` x its capacity for sink,
+        window and recompute."""
+        if "distance" not in self.cfg.probes:
+            return []
+        reach = self.cfg.cache_reach
+        if s.cache_size is None or not reach:
+            return list(self.cfg.distances)
+        return [d for d in self.cfg.distances if d <= reach * s.cache_size]
+
+    def far_settings(self) -> list[Setting]:
+        """Sink at the far caches, both schemes: the far probe asks whether sinks at positions long past the
+        pre-training range still work (a window without sinks is the same at any position)."""
+        if "far" not in self.cfg.probes:
+            return []
+        far_caches = self.cfg.far_cache_sizes or (min(self.cfg.cache_sizes),)
+        return [s for s in self.settings() if s.method == "sink" and s.cache_size in far_caches]
 
     def _placements(self, s: Setting) -> dict[int, list[str]]:
         """{distance: [placement, ...]} for this setting: its own window, or every cache size's for dense."""
@@ -308,12 +374,35 @@ class RecallExperiment:
                 out.setdefault(placement_distance(where, w, P), []).append((where, w))
         return out
 
-    def _measure(self, s: Setting, passages: list[Passage], distances, far: bool, label: str):
+    def parts(self, work: Work, passage: Passage) -> tuple[Part, ...]:
+        """What one passage of `work` costs, in units of a chunked forward (see `_units`)."""
+        s, P, D = work.setting, self.cfg.passage_tokens, work.distances
+        end = passage.position + P + max(D)  # the stream fed once; each distance adds a repeat
+        if s.method == "recompute":
+            scored = len(range(P - 1, -1, -self.cfg.recompute_stride)) * (1 + len(D))
+            return (Part("forward_token", scored * _units(s.cache_size, s.cache_size / 2), s.cache_size),)
+        if s.cache_size is None:
+            return (Part("dense_token", _units(end + P * len(D), end / 2)),)
+        skipped = warmup_start(self.layers, s.sinks, self.window_of(s), passage.position) if work.far else 0
+        fed = end - skipped + P * len(D) + (s.sinks if skipped else 0)
+        return (Part("chunked_nll_token", _units(fed, s.cache_size), s.cache_size),)
+
+    def plan(self, work: list[Work]) -> Plan:
+        parameters = sum(p.numel() for p in self.model.parameters())
+        device = next(self.model.parameters()).device.type
+        items = [Item((w.setting, w.far, i), f"{w.setting.method} {w.setting.cache_size or ''}", self.parts(w, p))
+                 for w in work for i, p in enumerate(w.passages)]
+        return Plan(items, _RecallCosts(prior_rates(parameters, self.layers, device)))
+
+    def _measure(self, s: Setting, passages, distances, far: bool, label: str, items=None, plan=None,
+                 overall=None):
         cfg = self.cfg
         first, repeats = [], {d: [] for d in distances}
         task = self.progress.add_task(label, total=len(passages))
         try:
-            for passage in passages:
+            for i, passage in enumerate(passages):
+                if plan is not None:
+                    plan.start(items[i])
                 if s.method == "recompute":
                     f, r = recompute_probe(self.model, self.ids, passage, distances, s.cache_size,
                                            cfg.recompute_stride)
@@ -336,6 +425,9 @@ class RecallExperiment:
                 first.append(f)
                 for d in distances:
                     repeats[d].append(r[d])
+                if plan is not None:
+                    plan.finish(items[i])
+                    self.progress.advance(overall)
                 self.progress.advance(task)
         finally:
             self.progress.remove_task(task)
@@ -358,35 +450,49 @@ class RecallExperiment:
             rec["placement"], rec["placement_window"] = placement, window
         return rec
 
-    def run(self) -> None:
+    def work(self) -> list[Work]:
+        """What is left to measure (all of it, or what a resumed run has not recorded), in run order."""
         cfg = self.cfg
-        near = make_passages(self.ids, cfg)
-        far_caches = cfg.far_cache_sizes or (min(cfg.cache_sizes),)
+        near = tuple(make_passages(self.ids, cfg))
+        far_settings = self.far_settings()
+        out = []
         for s in self.settings():
-            curve = list(cfg.distances) if "distance" in cfg.probes else []
-            placements = self._placements(s)
+            curve, placements = self.curve(s), self._placements(s)
             wanted = {d for d in curve if not self._done(self._identity(s, "distance", d))}
             wanted |= {d for d, where in placements.items()
                        if any(not self._done(self._identity(s, "placement", d, p)) for p, _ in where)}
             if wanted:
-                distances = sorted(wanted)
-                label = f"recall: {s.method} {s.cache_size or ''} {s.position_scheme or ''}".rstrip()
-                first, repeats = self._measure(s, near, distances, False, label)
-                for d in distances:
-                    if d in curve and not self._done(self._identity(s, "distance", d)):
-                        self.writer.append(self._record(s, "distance", d, near, first, repeats[d]))
-                    for where, window in placements.get(d, []):
-                        if not self._done(self._identity(s, "placement", d, where)):
-                            self.writer.append(self._record(s, "placement", d, near, first, repeats[d], where,
-                                                            window))
-            if "far" in cfg.probes and s.method in ("sink", "window") and s.cache_size in far_caches:
+                out.append(Work(s, False, tuple(sorted(wanted)), near))
+            if s in far_settings:
                 todo = [d for d in cfg.far_distances if not self._done(self._identity(s, "far", d))]
                 if todo:
-                    far = make_passages(self.ids, cfg, position=cfg.far_position)
-                    first, repeats = self._measure(s, far, todo, True, f"recall far: {s.method} {s.cache_size} "
-                                                                       f"{s.position_scheme}")
-                    for d in todo:
-                        self.writer.append(self._record(s, "far", d, far, first, repeats[d]))
+                    far = make_passages(self.ids, cfg, position=cfg.far_position, count=cfg.far_passages)
+                    out.append(Work(s, True, tuple(todo), tuple(far)))
+        return out
+
+    def run(self) -> None:
+        work = self.work()
+        plan = self.plan(work)
+        overall = self.progress.add_task("[bold]recall", total=len(plan.pending), plan=plan)
+        items = iter(plan.items)
+        for w in work:
+            s, distances = w.setting, list(w.distances)
+            mine = [next(items) for _ in w.passages]
+            what = "recall far" if w.far else "recall"
+            label = f"{what}: {s.method} {s.cache_size or ''} {s.position_scheme or ''}".rstrip()
+            first, repeats = self._measure(s, list(w.passages), distances, w.far, label, mine, plan, overall)
+            if w.far:
+                for d in distances:
+                    self.writer.append(self._record(s, "far", d, w.passages, first, repeats[d]))
+                continue
+            curve, placements = self.curve(s), self._placements(s)
+            for d in distances:
+                if d in curve and not self._done(self._identity(s, "distance", d)):
+                    self.writer.append(self._record(s, "distance", d, w.passages, first, repeats[d]))
+                for where, window in placements.get(d, []):
+                    if not self._done(self._identity(s, "placement", d, where)):
+                        self.writer.append(self._record(s, "placement", d, w.passages, first, repeats[d], where,
+                                                        window))
 
     def _done(self, key) -> bool:
         return self.writer.done(key) is not None

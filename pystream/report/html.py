@@ -736,8 +736,7 @@ def fig_recall(runs):
         order = sorted(curves, key=lambda k: (styles.rank(k[0]), k[1] or 0, k[3] or ""))
         for method, cache_size, sinks, scheme in order:
             points = sorted(curves[(method, cache_size, sinks, scheme)], key=lambda r: r["distance"])
-            name = series_name(points[0]) + (" original positions" if scheme == "original" else "") + \
-                _run_suffix(runs, label)
+            name = series_name(points[0]) + _run_suffix(runs, label)  # names "(original positions)" itself
             lows = [r["recall"] - r["ci95"][0] if r.get("ci95") else 0 for r in points]
             highs = [r["ci95"][1] - r["recall"] if r.get("ci95") else 0 for r in points]
             trace = series_trace(
@@ -745,16 +744,14 @@ def fig_recall(runs):
                 y=[r["recall"] for r in points], name=name, derived="recall.recall",
                 error_y=dict(type="data", symmetric=False, array=highs, arrayminus=lows, thickness=1),
                 hovertemplate="d = %{x:,} tokens<br>recall %{y:.3f}<extra></extra>")
-            if scheme == "original":  # the second scheme of one cache: the same colour, dashes of its own
-                trace.line.dash = DASHES[(styles._cache_rank(cache_size) + 3) % len(DASHES)]
-                trace.marker.symbol = "x"
+            if scheme == "original":  # the second scheme of one cache: the same colour, marks of its own
+                trace.line.dash = styles.scheme_dash(cache_size, label, scheme)
+                trace.marker.symbol = styles.scheme_symbol(cache_size, label, scheme)
             fig.add_trace(trace)
-            if cache_size and (cache_size, sinks) not in marked:
-                marked.add((cache_size, sinks))
-                window = cache_size - sinks
-                fig.add_vline(x=math.log10(max(1, window - points[0]["passage_tokens"])),
-                              line=dict(color="#999", dash=styles.dash(cache_size)),
-                              annotation_text=f"cache {cache_label(points[0])}", annotation_position="top")
+            if cache_size and cache_size not in marked:  # once per cache size (4+252 and 256 sit 4 apart)
+                marked.add(cache_size)
+                _log_x_line(fig, max(1, cache_size - sinks - points[0]["passage_tokens"]), f"cache {cache_size:,}",
+                            dict(color="#999", dash=styles.dash(cache_size)), y=1.0, yanchor="bottom")
     if not fig.data:
         return None
     distances = sorted({x for t in fig.data for x in t.x})
@@ -764,15 +761,102 @@ def fig_recall(runs):
     pretraining = next((r.get("pretraining_length") for _, run in runs for r in run.records
                         if r.get("record") == "recall"), None)
     if pretraining:
-        fig.add_vline(x=math.log10(pretraining), line=dict(color="#555", dash="dash"),
-                      annotation_text=f"pre-training length {pretraining:,}", annotation_position="bottom left")
-    fig.add_annotation(xref="paper", yref="paper", x=0, y=-0.22, showarrow=False, xanchor="left", align="left",
+        _log_x_line(fig, pretraining, f"pre-training length {pretraining:,}", dict(color="#555", dash="dash"),
+                    y=0.06, yanchor="bottom", xanchor="right")
+    fig.add_annotation(xref="paper", yref="paper", x=0, y=-0.4, showarrow=False, xanchor="left", align="left",
                        text="A random passage is planted, d tokens of text follow, then it is repeated: recall near 1 "
-                            "means the method still sees it, near 0 that it is gone. Sink and window caches remember "
-                            "up to their window (the marked line: d = window - passage) and nothing beyond; dense "
-                            "remembers until its positions leave what the model was trained on.")
+                            "means the method still sees it, near 0 that it is gone.<br>Sink and window caches "
+                            "remember up to their window (the marked line: d = window - passage) and nothing beyond; "
+                            "dense remembers<br>until its positions leave what the model was trained on.")
     fig.update_layout(title="What each method remembers: recall against distance (bars: 95% interval over "
-                            "passages)", margin=dict(b=120))
+                            "passages)", margin=dict(b=170))
+    return fig
+
+
+def _log_x_line(fig, x: float, text: str, line: dict, y: float, yanchor: str, xanchor: str = "center") -> None:
+    """A vertical line at data value `x` on a log x axis, labelled: a shape takes the data value, an annotation its
+    log10 (plotly's convention for each; `add_vline` gives both the same number, so one of them lands wrong)."""
+    fig.add_shape(type="line", x0=x, x1=x, xref="x", y0=0, y1=1, yref="paper", line=line)
+    fig.add_annotation(x=math.log10(x), xref="x", y=y, yref="paper", yanchor=yanchor, xanchor=xanchor, text=text,
+                       showarrow=False, font=dict(size=11))
+
+
+PLACEMENTS = ("start", "middle", "end")
+
+
+def _placement_panels(rec, windows: dict) -> list[tuple[int, int]]:
+    """The (cache, window) panels a placement record is drawn in: its own cache; for dense (no cache), the cache
+    whose window set its distance (`windows`: dense's window -> cache), and every one of them for "end" (d = 0 ends
+    every window, so a run records it once)."""
+    if rec.get("cache_size"):
+        return [(rec["cache_size"], rec["placement_window"])]
+    if rec.get("placement") == "end":
+        return sorted((cache, window) for window, cache in windows.items())
+    window = rec.get("placement_window")
+    return [(windows.get(window, window), window)]
+
+
+def fig_recall_placement(runs):
+    """Recall when the first copy sits at the start (oldest), middle or end (newest) of what each cache holds as the
+    repeat begins (`"probe": "placement"`): one panel per cache, one line per method and position scheme; dense at
+    the same distances beside them."""
+    from plotly.subplots import make_subplots
+
+    styles = Styles(runs)
+    recs = [(label, r) for label, run in runs for r in run.records
+            if r.get("record") == "recall" and r.get("probe") == "placement" and r.get("status") == "ok"
+            and r.get("placement") in PLACEMENTS]
+    # a window belongs to the cache that holds it: sink 4+252's 252, window 256's 256; dense's distances were set
+    # from the windows its run's caches have (sink's where there are sinks)
+    held = {r["placement_window"]: r["cache_size"] for _, r in recs if r.get("cache_size")}
+    windows = {w: held.get(w, w) for w in {r["placement_window"] for _, r in recs if not r.get("cache_size")}}
+    panels = {(label, id(r)): _placement_panels(r, windows) for label, r in recs}
+    caches = sorted({c for found in panels.values() for c, _ in found})
+    if not caches:
+        return None
+    fig = make_subplots(rows=1, cols=len(caches), shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=[f"cache {c:,}" for c in caches])
+    shown = set()
+    for col, cache in enumerate(caches, start=1):
+        curves = {}
+        for label, r in recs:
+            for panel, window in panels[(label, id(r))]:
+                if panel == cache:
+                    curves.setdefault((label, r["method"], r.get("position_scheme"), window), []).append(r)
+        order = sorted(curves, key=lambda k: (styles.rank(k[1]), k[2] or "", k[3] or 0, k[0]))
+        for key in order:
+            label, method, scheme, window = key
+            points = sorted(curves[key], key=lambda r: PLACEMENTS.index(r["placement"]))
+            name = series_name(points[0]) + _run_suffix(runs, label)
+            if not points[0].get("cache_size"):
+                name += f" (distances of window {window:,})"
+            trace = series_trace(
+                styles, method=method, cache_size=points[0].get("cache_size"), run_label=label,
+                x=[r["placement"] for r in points], y=[r["recall"] for r in points], name=name,
+                derived="recall.recall", legendgroup=name, showlegend=name not in shown,
+                error_y=dict(type="data", symmetric=False, thickness=1,
+                             array=[r["ci95"][1] - r["recall"] if r.get("ci95") else 0 for r in points],
+                             arrayminus=[r["recall"] - r["ci95"][0] if r.get("ci95") else 0 for r in points]),
+                customdata=[[r["distance"], r["placement_window"] if r.get("cache_size") else window]
+                            for r in points],
+                hovertemplate="first copy at the %{x} of the window (%{customdata[1]:,} tokens)<br>d = "
+                              "%{customdata[0]:,} tokens<br>recall %{y:.3f}<extra>" + esc(name) + "</extra>")
+            if scheme == "original":  # the second scheme of one cache: the same colour, marks of its own
+                trace.line.dash = styles.scheme_dash(points[0].get("cache_size"), label, scheme)
+                trace.marker.symbol = styles.scheme_symbol(points[0].get("cache_size"), label, scheme)
+            shown.add(name)
+            fig.add_trace(trace, row=1, col=col)
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=list(PLACEMENTS),
+                     title_text="where the first copy sits in the window when the repeat begins")
+    fig.update_yaxes(range=[-0.15, 1.05], showticklabels=True)
+    fig.update_yaxes(title_text="recall = 1 - NLL(repeat) / NLL(first copy)", col=1)
+    fig.add_annotation(xref="paper", yref="paper", x=0, y=-0.38, showarrow=False, xanchor="left", align="left",
+                       text="The same probe with the first copy at the start (the oldest tokens the window holds: "
+                            "d = window - passage), the middle,<br>or the end (d = 0) of the window as the repeat "
+                            "begins: the \"lost in the middle\" question. A flat line remembers the whole window "
+                            "alike;<br>dense at the same distances is the reference.")
+    fig.update_layout(title="Where in the window a passage is remembered (bars: 95% interval over passages)",
+                      margin=dict(b=160))
     return fig
 
 
@@ -791,6 +875,7 @@ FIGURES = [
     ("stability", fig_stability),
     ("attention", fig_attention_share),
     ("recall", fig_recall),
+    ("recall-placement", fig_recall_placement),
 ]
 
 
