@@ -49,7 +49,7 @@ class UsageError(Exception):
 # counters and tensors they become. Memory is checked per cell, against the device, before anything is allocated.
 MAX_TOKENS = 1 << 40  # --lengths, --ppl-tokens, --experiment-tokens, --cache-tokens, --stability-tokens
 MAX_CAPACITY = 1 << 24  # --cache-sizes, --ppl-cache, --experiment-cache, --sinks: 16M slots
-MAX_BOUNDS = {"sinks": MAX_CAPACITY, "steps": 1_000_000, "warmup": 1_000_000, "batch": 4096, "threads": 1024,
+MAX_BOUNDS = {"sinks": MAX_CAPACITY, "steps": 1_000_000, "warmup": 1_000_000, "recompute_steps": 1_000_000, "batch": 4096, "threads": 1024,
               "ppl_tokens": MAX_TOKENS, "ppl_cache": MAX_CAPACITY, "recompute_samples": 1_000_000,
               "profile_steps": 10_000, "seed": (1 << 63) - 1, "experiment_cache": MAX_CAPACITY}
 MAX_SCALING = 1024.0  # dense-pi:F and friends
@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(fast); stream: stream every token up to L for real (default state)")
     what.add_argument("--steps", type=int, default=32, help="timed decode steps per cell, after warm-up (default 32)")
     what.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (default 3)")
+    what.add_argument("--recompute-steps", type=int, default=8,
+                      help="timed steps of recompute, at most --steps, after one warm-up step (default 8: each step "
+                           "is a whole forward over its context, the same work every time, so a few give a steady "
+                           "p50; 32 at a context of 1,024 take about 2 minutes here)")
     what.add_argument("--batch", type=int, default=1, help="independent streams decoded together (default 1)")
     quality = p.add_argument_group("quality")
     quality.add_argument("--ppl-tokens", type=int, default=None,
@@ -230,6 +234,7 @@ class RunConfig:
     mode: str
     steps: int
     warmup: int
+    recompute_steps: int
     batch: int
     ppl_tokens: int | None  # None: DEFAULT_PPL_TOKENS, or the whole text if shorter
     ppl_cache: int | None
@@ -287,7 +292,7 @@ def validate(args, argv=None) -> RunConfig:
     methods = list(dict.fromkeys(methods))
     threads = args.threads if args.threads is not None else ((os.cpu_count() or 1) if args.experiment else 1)
     for name, maximum in MAX_BOUNDS.items():
-        minimum = 1 if name in ("steps", "batch", "threads", "recompute_samples", "profile_steps", "ppl_cache") else 0
+        minimum = 1 if name in ("steps", "recompute_steps", "batch", "threads", "recompute_samples", "profile_steps", "ppl_cache") else 0
         value = threads if name == "threads" else getattr(args, name)
         if value is not None and not minimum <= value <= maximum:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum} and <= {maximum:,}, got {value}")
@@ -317,7 +322,7 @@ def validate(args, argv=None) -> RunConfig:
     check_out_dir(out, args.resume)
     return RunConfig(
         lengths=tuple(lengths), methods=tuple(methods), cache_sizes=tuple(cache_sizes), sinks=args.sinks,
-        mode=args.mode, steps=args.steps, warmup=args.warmup, batch=args.batch, ppl_tokens=args.ppl_tokens,
+        mode=args.mode, steps=args.steps, warmup=args.warmup, recompute_steps=args.recompute_steps, batch=args.batch, ppl_tokens=args.ppl_tokens,
         ppl_cache=args.ppl_cache, recompute_ppl=args.recompute_ppl, recompute_samples=args.recompute_samples,
         model=args.model, text=args.text, trust_remote_code=args.trust_remote_code, device=device,
         dtype=args.dtype, threads=threads, seed=args.seed, out=out, resume=args.resume, report=not args.no_report,
@@ -462,6 +467,7 @@ def run_metadata(config: RunConfig, loaded, text, n_tokens) -> dict:
         "config": {
             "lengths": list(config.lengths), "methods": list(config.methods), "cache_sizes": list(config.cache_sizes),
             "sinks": config.sinks, "mode": config.mode, "steps": config.steps, "warmup": config.warmup,
+            "recompute_steps": config.recompute_steps,
             "batch": config.batch, "ppl_tokens": config.ppl_tokens, "ppl_cache": config.ppl_cache,
             "recompute_ppl": config.recompute_ppl, "recompute_samples": config.recompute_samples,
             "position_schemes": list(config.position_schemes), "model": loaded.name, "text": text.name, "device_kind": device, "dtype": config.dtype,
@@ -690,7 +696,8 @@ def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console, clu
 
     cfg = BenchConfig(lengths=config.lengths, methods=config.methods, cache_sizes=config.cache_sizes,
                       sinks=config.sinks, mode=config.mode, batch=config.batch, steps=config.steps,
-                      warmup=config.warmup, seed=config.seed, ppl_tokens=config.ppl_tokens,
+                      warmup=config.warmup, recompute_steps=config.recompute_steps, seed=config.seed,
+                      ppl_tokens=config.ppl_tokens,
                       ppl_cache=config.ppl_cache, recompute_ppl=config.recompute_ppl,
                       recompute_samples=config.recompute_samples, device=config.device, dtype=config.dtype,
                       profile=config.profile, profile_steps=config.profile_steps,

@@ -14,7 +14,7 @@ from conftest import TEXT, char_tokenizer, read_records, run_cli, save_tiny_mode
 
 def test_end_to_end_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, stderr = run_cli(tiny_args(tiny_model_dir, text_file, out), capsys)
+    code, stdout, stderr = run_cli(tiny_args(tiny_model_dir, text_file, out, "--recompute-steps", "3"), capsys)
     assert code == 0, stderr
     meta = json.loads((out / "run.json").read_text())
     assert meta["schema_version"] == 1 and meta["config"]["lengths"] == [100, 1024]
@@ -27,7 +27,10 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys)
     assert len(cells) == 2 * (3 * 2 + 1)
     for cell in cells:
         assert cell["status"] == "ok", cell
-        assert cell["timed_steps"] == 4 and cell["latency_ms"]["p50"] > 0 and cell["tokens_per_s"] > 0
+        # recompute times --recompute-steps of its own (each step a whole forward), after one warm-up step
+        steps, warmup = (3, 1) if cell["method"] == "recompute" else (4, 1)
+        assert (cell["timed_steps"], cell["warmup_steps"]) == (steps, warmup)
+        assert cell["latency_ms"]["p50"] > 0 and cell["tokens_per_s"] > 0
         assert cell["latency_ms"]["p50"] <= cell["latency_ms"]["p90"] <= cell["latency_ms"]["p99"]
         assert cell["peak_rss_bytes"] > 0
     by = {(c["method"], c["cache_size"], c["length"]): c for c in cells}
@@ -143,6 +146,7 @@ BAD_INPUTS = [
     (["--cache-sizes", "4", "--sinks", "4"], "--cache-sizes: 4 is not larger than --sinks 4"),
     (["--methods", "sink,turbo"], "--methods: unknown method 'turbo'"),
     (["--batch", "0"], "--batch must be >= 1"),
+    (["--recompute-steps", "0"], "--recompute-steps must be >= 1"),
     (["--device", "tpu"], "argument --device: invalid choice"),
     (["--dtype", "int8"], "argument --dtype: invalid choice"),
 ]

@@ -325,6 +325,7 @@ class PlanSpec:
     recompute_max_positions: int | None
     sinks: int  # of the sink method (window keeps none)
     attention_tokens: int = CHUNK_ATTENTION_TOKENS  # where a chunked forward's per-token cost doubles
+    recompute_steps: int | None = None  # recompute's steps per cell, as `steps`; None (older logs): `steps`
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -351,7 +352,8 @@ def plan_items(spec: PlanSpec, cells, quality) -> list[Item]:
             parts = ()  # recorded as OOM before anything runs
         elif name == "recompute":
             context = min(capacity, length + 1)
-            parts = (Part("forward_token", steps * spec.batch * chunk_units(context, context / 2), capacity),)
+            forwards = spec.recompute_steps if spec.recompute_steps is not None else steps
+            parts = (Part("forward_token", forwards * spec.batch * chunk_units(context, context / 2), capacity),)
         elif capacity is not None:  # sink, window
             chunk = min(capacity, length)
             streamed = length - chunk if spec.mode == "stream" else 0
@@ -413,7 +415,8 @@ def bench_spec(bench) -> PlanSpec:
         steps=cfg.warmup + cfg.steps + (cfg.profile_steps if cfg.profile else 0), ppl_tokens=cfg.ppl_tokens,
         recompute_exact=cfg.recompute_ppl == "all" or (cfg.recompute_ppl == "auto" and bench.device.type != "cpu"),
         recompute_samples=cfg.recompute_samples, recompute_max_positions=cfg.recompute_max_positions,
-        sinks=method("sink").sinks(cfg))
+        sinks=method("sink").sinks(cfg),
+        recompute_steps=sum(method("recompute").decode_steps(cfg)) + (cfg.profile_steps if cfg.profile else 0))
 
 
 def plan_bench(bench, cells, quality, is_done) -> Plan:

@@ -31,6 +31,7 @@ class BenchConfig:
     batch: int = 1
     steps: int = 32
     warmup: int = 3
+    recompute_steps: int = 8  # recompute's timed steps (at most `steps`; see cells.RecomputeMethod.decode_steps)
     seed: int = 0
     ppl_tokens: int = 1536
     ppl_cache: int | None = None
@@ -149,7 +150,7 @@ class Bench:
         kv_read = result.get("kv_bytes", 0)
         rec = dict(
             common, status="ok", latency_ms=summary, timed_steps=len(latencies),
-            warmup_steps=self.cfg.warmup, tokens_per_s=self.cfg.batch * len(latencies) / seconds,
+            warmup_steps=kind.decode_steps(self.cfg)[0], tokens_per_s=self.cfg.batch * len(latencies) / seconds,
             # gpt-fast's measure: bytes that must be read per step (weights and the KV attended) over the p50 time
             achieved_bandwidth_gb_s=(self.param_bytes + kv_read) / (summary["p50"] / 1e3) / 1e9,
             wall_s=time.perf_counter() - started, **memory, **result,
@@ -185,9 +186,11 @@ class Bench:
             return split_forward(self.model, input_ids, **kwargs)
         return self.model(input_ids, **kwargs).logits
 
-    def decode(self, step_fn, start: int, label: str) -> list[float]:
-        """Warm-up, then the timed steps; `step_fn(tokens [batch, 1])` runs one decode step."""
-        total = self.cfg.warmup + self.cfg.steps
+    def decode(self, step_fn, start: int, label: str, warmup: int | None = None,
+               steps: int | None = None) -> list[float]:
+        """Warm-up, then the timed steps (default the config's); `step_fn(tokens [batch, 1])` runs one decode step."""
+        warmup = self.cfg.warmup if warmup is None else warmup
+        total = warmup + (self.cfg.steps if steps is None else steps)
         task = self.progress.add_task(label, total=total)
         latencies = []
         try:
@@ -195,7 +198,7 @@ class Bench:
                 for i in range(total):
                     x = self.tokens.get(start + i, 1)
                     _, ms = clocks.timed(self.device, lambda: step_fn(x))
-                    if i >= self.cfg.warmup:
+                    if i >= warmup:
                         latencies.append(ms)
                     self.progress.advance(task)
         finally:
