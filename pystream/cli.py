@@ -167,16 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stream a separate sink stream this long for stability (for example 1M); default: "
                           "analyse the ppl stream")
     rec = p.add_argument_group("what each method remembers (--experiment recall)")
-    rec.add_argument("--recall-methods", default="dense,dense-yarn:2,sink,window,recompute",
-                     help="methods probed (default: dense, YaRN-scaled dense at 2x, sink in both position schemes, "
-                          "window, recompute; dense-pi:F and dense-ntk:F are the other scaled baselines)")
+    rec.add_argument("--recall-methods", default="dense,sink,window,recompute",
+                     help="methods probed (default: dense, sink in both position schemes, window, recompute; add "
+                          "the RoPE-scaled baselines dense-yarn:F, dense-pi:F, dense-ntk:F, each costing as much as "
+                          "dense)")
     rec.add_argument("--recall-distances", default="16,64,256,1k,4k,9k",
                      help="tokens of text between the passage and its repeat (default 16,64,256,1k,4k,9k: past the "
                           "bundled model's 8k pre-training length); sink, window and recompute stop at "
                           "--recall-cache-reach times their cache")
-    rec.add_argument("--recall-cache-reach", type=int, default=4,
+    rec.add_argument("--recall-cache-reach", type=int, default=2,
                      help="sink, window and recompute: distances up to this many times their cache, where they have "
-                          "long forgotten (default 4; 0: every distance)")
+                          "forgotten (default 2; 0: every distance)")
     rec.add_argument("--recall-passages", type=int, default=3,
                      help="passages per distance, each its own seed, text and stream position (default 3)")
     rec.add_argument("--passage-tokens", type=int, default=64, help="random tokens per passage (default 64)")
