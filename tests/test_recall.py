@@ -129,6 +129,7 @@ def test_recall_experiment_through_the_cli(tmp_path, capsys, tiny_model_dir, tex
     out = tmp_path / "run"
     args = ["--experiment", "recall", "--model", tiny_model_dir, "--text", text_file, "--out", out,
             "--cache-sizes", "24,40", "--recall-distances", "4,16,64", "--recall-passages", "2",
+            "--recall-cache-reach", "4",
             "--passage-tokens", "8", "--far-position", "300", "--threads", "1",
             "--recall-methods", "dense,dense-pi:2,sink,window,recompute"]
     code, stdout, stderr = run_cli(args, capsys)
