@@ -49,7 +49,8 @@ class UsageError(Exception):
 # counters and tensors they become. Memory is checked per cell, against the device, before anything is allocated.
 MAX_TOKENS = 1 << 40  # --lengths, --ppl-tokens, --experiment-tokens, --cache-tokens, --stability-tokens
 MAX_CAPACITY = 1 << 24  # --cache-sizes, --ppl-cache, --experiment-cache, --sinks: 16M slots
-MAX_BOUNDS = {"sinks": MAX_CAPACITY, "steps": 1_000_000, "warmup": 1_000_000, "recompute_steps": 1_000_000, "batch": 4096, "threads": 1024,
+MAX_BOUNDS = {"sinks": MAX_CAPACITY, "steps": 1_000_000, "warmup": 1_000_000, "recompute_steps": 1_000_000,
+              "batch": 4096, "threads": 1024,
               "ppl_tokens": MAX_TOKENS, "ppl_cache": MAX_CAPACITY, "recompute_samples": 1_000_000,
               "profile_steps": 10_000, "seed": (1 << 63) - 1, "experiment_cache": MAX_CAPACITY}
 MAX_SCALING = 1024.0  # dense-pi:F and friends
@@ -293,7 +294,8 @@ def validate(args, argv=None) -> RunConfig:
     methods = list(dict.fromkeys(methods))
     threads = args.threads if args.threads is not None else ((os.cpu_count() or 1) if args.experiment else 1)
     for name, maximum in MAX_BOUNDS.items():
-        minimum = 1 if name in ("steps", "recompute_steps", "batch", "threads", "recompute_samples", "profile_steps", "ppl_cache") else 0
+        minimum = 1 if name in ("steps", "recompute_steps", "batch", "threads", "recompute_samples", "profile_steps",
+                                "ppl_cache") else 0
         value = threads if name == "threads" else getattr(args, name)
         if value is not None and not minimum <= value <= maximum:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum} and <= {maximum:,}, got {value}")
