@@ -1,6 +1,7 @@
 """The method registry: each method of `pystream-bench` is an object that puts a model in the state a stream of L
 tokens leaves and times its decode steps there (quality, per-token NLL at each length, is `quality_at.py`'s).
-`REGISTRY` maps the method names to them; `method(name)` also resolves the context-extension baselines `dense-pi:F`, `dense-ntk:F`, `dense-yarn:F`.
+`REGISTRY` maps the method names to them; `method(name)` also resolves the context-extension baselines
+`dense-pi:F`, `dense-ntk:F`, `dense-yarn:F`.
 
 Methods are settings of a few mechanisms, as in attention_sinks: "sink" is a streaming cache of capacity C with S
 sinks, "window" the same with none (the paper's window attention), "dense" transformers' DynamicCache, "recompute"

@@ -40,6 +40,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .warmup import warmup_start
+
 LOG_SCHEMA, LOG_VERSION = "pystream.eta", 1
 KINDS = ("forward_token", "cached_step", "dense_step", "dense_token", "stream_nll_step", "chunked_nll_token")
 
@@ -342,8 +344,8 @@ def plan_items(spec: PlanSpec, cells, quality) -> list[Item]:
     steps = spec.steps
     items = []
 
-    def chunk_units(tokens, mean_attended):
-        return tokens * (1 + mean_attended / spec.attention_tokens)
+    def units(tokens, mean_attended):  # the run's own doubling point, from the model's shape
+        return chunk_units(tokens, mean_attended, spec.attention_tokens)
 
     for name, capacity, length, fits in cells:
         label = f"{name} {capacity or ''} @ {length:,}"
@@ -353,17 +355,17 @@ def plan_items(spec: PlanSpec, cells, quality) -> list[Item]:
         elif name == "recompute":
             context = min(capacity, length + 1)
             forwards = spec.recompute_steps if spec.recompute_steps is not None else steps
-            parts = (Part("forward_token", forwards * spec.batch * chunk_units(context, context / 2), capacity),)
+            parts = (Part("forward_token", forwards * spec.batch * units(context, context / 2), capacity),)
         elif capacity is not None:  # sink, window
             chunk = min(capacity, length)
             streamed = length - chunk if spec.mode == "stream" else 0
-            parts = (Part("forward_token", spec.batch * chunk_units(chunk, chunk / 2), capacity),
+            parts = (Part("forward_token", spec.batch * units(chunk, chunk / 2), capacity),
                      Part("cached_step", step_units(streamed, capacity), capacity),
                      Part("cached_step", step_units(steps, capacity), capacity))
             setup = 2
         else:  # dense and the scaled dense baselines: prefill to `length`, then steps over it
             parts = ((Part("dense_step", step_units(length, length / 2), length),) if spec.mode == "stream" else
-                     (Part("dense_token", chunk_units(length, length / 2), length),))
+                     (Part("dense_token", units(length, length / 2), length),))
             parts += (Part("dense_step", step_units(steps, length), length),)
             setup = 1
         items.append(Item(("cell", name, capacity, length), label, parts, setup=setup))
@@ -377,9 +379,9 @@ def plan_items(spec: PlanSpec, cells, quality) -> list[Item]:
             parts = ()  # recorded with its predicted need before anything runs
         elif name in ("sink", "window"):
             sinks = spec.sinks if name == "sink" else 0
-            first = _warmup_start(spec.layers, sinks, capacity - sinks, start)
+            first = warmup_start(spec.layers, sinks, capacity - sinks, start)
             fed = (sinks if first else 0) + end - 1 - first  # the record's tokens_fed
-            parts = (Part("chunked_nll_token", chunk_units(fed, capacity / 2), capacity),)
+            parts = (Part("chunked_nll_token", units(fed, capacity / 2), capacity),)
             counted = ("tokens_fed", fed)
         elif name == "recompute":
             population = end - start
@@ -388,18 +390,12 @@ def plan_items(spec: PlanSpec, cells, quality) -> list[Item]:
             positions = population if spec.recompute_exact else min(
                 population, round(RECOMPUTE_SAMPLE_GROWTH * spec.recompute_samples),
                 spec.recompute_max_positions or population)
-            parts = (Part("forward_token", positions * chunk_units(capacity, capacity / 2), capacity),)
+            parts = (Part("forward_token", positions * units(capacity, capacity / 2), capacity),)
             counted = ("sample_size", positions)
         else:
-            parts = (Part("dense_token", chunk_units(end, end / 2), end),)
+            parts = (Part("dense_token", units(end, end / 2), end),)
         items.append(Item(("quality", name, capacity, length, scheme), label, parts, quality=True, counted=counted))
     return items
-
-
-def _warmup_start(num_layers: int, num_sinks: int, window: int, start: int) -> int:
-    """evaluator.warmup_start (the evaluator imports torch; the plan must not need it to be rebuilt from a log)."""
-    first = start - 1 - num_layers * (window - 1)
-    return first if first > num_sinks else 0
 
 
 def bench_spec(bench) -> PlanSpec:

@@ -29,6 +29,7 @@ import torch
 from pystream.measure.baselines import recompute_logits
 from pystream.cache.chunked_attention import POSITION_SCHEMES, ChunkedStream, check_chunkable
 from pystream.cache.hf import dense_cache, rope_scaled
+from pystream.measure.warmup import warmup_start
 
 __all__ = ["StreamNLL", "PairedRecompute", "stream_nll", "dense_nll", "recompute_nll_at", "paired_recompute",
            "warmup_start", "POSITION_SCHEMES"]
@@ -123,13 +124,6 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def warmup_start(num_layers: int, num_sinks: int, window: int, start: int) -> int:
-    """The first token to stream (after the sinks) so that the logits predicting `start` on are exact:
-    `start - 1 - num_layers x (window - 1)`, or 0 (the whole stream) when that is not past the sinks."""
-    first = start - 1 - num_layers * (window - 1)
-    return first if first > num_sinks else 0
 
 
 @torch.inference_mode()
