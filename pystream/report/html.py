@@ -650,7 +650,9 @@ PROFILE_PARTS = [("model_ms", "model forward (attention, MLP, norms)", "#8c8c8c"
 def fig_profile(runs):
     import plotly.graph_objects as go
 
-    cells = [(label, c) for label, run in runs for c in _cells(run, "ok") if c.get("profile")]
+    # a profile without its per-step breakdown (a hand-edited or foreign record) has nothing to stack
+    cells = [(label, c) for label, run in runs for c in _cells(run, "ok")
+             if isinstance(c.get("profile"), dict) and isinstance(c["profile"].get("ms_per_step"), dict)]
     if not cells:
         return None
     names = [esc(f"{series_name(c)} @ {c['length']:,}" + _run_suffix(runs, label)) for label, c in cells]
