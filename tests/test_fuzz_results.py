@@ -83,3 +83,19 @@ def test_whatever_loads_renders(tmp_path, data):
             rec[name] = data.draw(json_values)
         recs.append(rec)
     check(b"".join(json.dumps(r).encode() + b"\n" for r in recs), tmp_path, render=True)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_nested_fields_the_report_reads_render(tmp_path, data):
+    """The nested fields the report looks into (a cell's profile breakdown, a quality record's experiments), filled
+    with any JSON: what loads renders (CI's fuzz run once found a profile without its breakdown crashing the report)."""
+    from pystream.report.html import PROFILE_PARTS
+
+    cell, _, quality = (dict(r) for r in REAL)
+    parts = st.sampled_from([key for key, _, _ in PROFILE_PARTS]) | st.text(max_size=5)
+    cell["profile"] = data.draw(st.dictionaries(st.just("ms_per_step") | st.text(max_size=5),
+                                                st.dictionaries(parts, json_values, max_size=4) | json_values,
+                                                max_size=2))
+    quality["experiments"] = data.draw(json_values | st.lists(st.sampled_from(["ppl", "stability", "x"])))
+    check(b"".join(json.dumps(r).encode() + b"\n" for r in (cell, quality)), tmp_path, render=True)

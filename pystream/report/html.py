@@ -576,7 +576,7 @@ def fig_stability(runs):
             fig.add_trace(series_trace(
                 styles, method=r["method"], cache_size=r.get("cache_size"), run_label=label,
                 x=[b["end"] - 1 for b in buckets], y=[b["ppl"] for b in buckets], derived="quality.buckets.ppl",
-                name=name + (f" ({r['tokens']:,} tokens)" if "stability" in r.get("experiments", []) else ""),
+                name=name + (f" ({r['tokens']:,} tokens)" if "stability" in (r.get("experiments") or []) else ""),
                 hovertemplate="tokens up to %{x:,}<br>chunk PPL %{y:.3f}<extra></extra>"))
     if not fig.data:
         return None
@@ -647,12 +647,20 @@ PROFILE_PARTS = [("model_ms", "model forward (attention, MLP, norms)", "#8c8c8c"
                  ("other_ms", "other (positions, masks, driver)", "#d9d9d9")]
 
 
+def _ms_per_step(cell) -> dict | None:
+    profile = cell.get("profile")
+    parts = profile.get("ms_per_step") if isinstance(profile, dict) else None
+    if not isinstance(parts, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              and math.isfinite(v) for v in parts.values()):
+        return None
+    return parts
+
+
 def fig_profile(runs):
     import plotly.graph_objects as go
 
-    # a profile without its per-step breakdown (a hand-edited or foreign record) has nothing to stack
-    cells = [(label, c) for label, run in runs for c in _cells(run, "ok")
-             if isinstance(c.get("profile"), dict) and isinstance(c["profile"].get("ms_per_step"), dict)]
+    # a profile without a per-step breakdown of numbers (a hand-edited or foreign record) has nothing to stack
+    cells = [(label, c) for label, run in runs for c in _cells(run, "ok") if _ms_per_step(c) is not None]
     if not cells:
         return None
     names = [esc(f"{series_name(c)} @ {c['length']:,}" + _run_suffix(runs, label)) for label, c in cells]
