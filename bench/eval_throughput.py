@@ -42,7 +42,9 @@ def main():
     from pystream.inputs.models import load_model
 
     loaded = load_model(None)
-    ids = torch.from_numpy(tokenize(load_text(), loaded.tokenizer)[:args.tokens + 1].astype(np.int64))
+    text_ids = tokenize(load_text(), loaded.tokenizer)
+    # the text cycles when the stream is longer than it (the bundled one is 1,022,545 tokens), as in pystream-bench
+    ids = torch.from_numpy(np.resize(text_ids, args.tokens + 1).astype(np.int64))
     config = loaded.model.config
     matmul_params = sum(m.weight.numel() for m in loaded.model.modules() if isinstance(m, torch.nn.Linear))
     head_dim = config.hidden_size // config.num_attention_heads
@@ -65,8 +67,8 @@ def main():
         gflops = matmul_gflops(dtype)
         needed = (2 * matmul_params + attention_flops) * rate / 1e9
         sys.stderr.write("\n")
-        print(f"{name}, {args.threads} threads, {args.sinks}+{args.window}: {rate:.0f} tokens/s "
-              f"(1M tokens: {2 ** 20 / rate / 60:.1f} min), PPL {result.ppl:.3f}; model FLOPs at that rate "
+        print(f"{name}, {args.threads} threads, {args.sinks}+{args.window}: {result.tokens_fed:,} tokens in "
+              f"{seconds / 60:.1f} min, {rate:.0f} tokens/s (1M tokens: {2 ** 20 / rate / 60:.1f} min), PPL {result.ppl:.3f}; model FLOPs at that rate "
               f"{needed:.0f} GFLOP/s, matmul reaches {gflops:.0f} GFLOP/s ({needed / gflops:.0%} of it)")
     loaded.model.to(torch.float32)
 

@@ -1,13 +1,16 @@
-"""The chunked evaluator against token-by-token streaming, per token, on the bundled SmolLM2-135M (float32, CPU, the
-threads bench/conftest.py sets), at 4+252 and 4+1020: the same cache, dtype and threads, measured side by side in one
-run. Target (issue 13): the evaluator is at least 20x faster per token.
+"""The chunked evaluator against token-by-token streaming, per token, on the bundled SmolLM2-135M (CPU, the threads
+bench/conftest.py sets), at 4+252 and 4+1020, in float32 and bfloat16: the same cache, dtype and threads, measured
+side by side in one run. Target (issue 13): the evaluator is at least 20x faster per token.
 
 - token by token: one decode step of a full `SinkCache` (`position_ids` from the cache, logits and the NLL of the
   next token), which is what `pystream.quality.nll_streaming` pays per token once the cache is full;
 - evaluator: `pystream.measure.evaluator.stream_nll` over `PYSTREAM_EVAL_BENCH_TOKENS` tokens (default 8,192; CI's
   short mode sets fewer), divided by the tokens.
 
-Environment: PYSTREAM_EVAL_BENCH_TOKENS (tokens per evaluator round), PYSTREAM_EVAL_MIN_RATIO (the gate, default 6: a regression gate; the issue's target of 20x is not reached on this CPU, see the README).
+Environment: PYSTREAM_EVAL_BENCH_TOKENS (tokens per evaluator round), PYSTREAM_EVAL_MIN_RATIO (the gate, default 6: a
+regression gate below the 20x target, which float32 does not reach on this CPU: see the README). bfloat16 is gated
+only on a CPU with bfloat16 matrix instructions (AVX512-BF16 or AMX); elsewhere torch emulates it and the ratio is
+only recorded.
 The gate compares fastest rounds, interleaved, so that a slow spell of a shared machine lands on both.
 """
 
@@ -23,6 +26,15 @@ from pystream import SinkCache
 from pystream.measure.evaluator import stream_nll
 
 CAPACITIES = ((4, 252), (4, 1020))
+DTYPES = ("float32", "bfloat16")
+
+
+def cpu_has_bf16_units() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 TOKENS = int(os.environ.get("PYSTREAM_EVAL_BENCH_TOKENS", "8192"))
 MIN_RATIO = float(os.environ.get("PYSTREAM_EVAL_MIN_RATIO", "6"))
 ROUNDS = 2          # evaluator rounds (each TOKENS tokens) in the ratio gate
@@ -30,10 +42,17 @@ STEPS_PER_ROUND = 24  # token-by-token steps per round, between evaluator rounds
 
 
 @pytest.fixture(scope="module")
-def model():
+def loaded():
     from pystream.inputs.models import load_model
 
     return load_model(None).model
+
+
+@pytest.fixture(params=DTYPES)
+def model(request, loaded):
+    """The bundled model in each dtype (one copy, cast in place; back to float32 after)."""
+    yield loaded.to(getattr(torch, request.param))
+    loaded.to(torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +87,8 @@ def evaluate(model, ids, sinks, window):
 
 @pytest.mark.parametrize("sinks,window", CAPACITIES, ids=[f"{s}+{w}" for s, w in CAPACITIES])
 def test_token_by_token_step(benchmark, model, text_ids, sinks, window):
-    benchmark.extra_info.update(method="sink", capacity=sinks + window, op="token_by_token_step", dtype="float32",
+    benchmark.extra_info.update(method="sink", capacity=sinks + window, op="token_by_token_step",
+                                dtype=str(model.dtype).removeprefix("torch."),
                                 threads=torch.get_num_threads())
     step = token_step(model, text_ids, sinks, window)
     benchmark.pedantic(step, rounds=16, iterations=1, warmup_rounds=2)
@@ -77,7 +97,7 @@ def test_token_by_token_step(benchmark, model, text_ids, sinks, window):
 @pytest.mark.parametrize("sinks,window", CAPACITIES, ids=[f"{s}+{w}" for s, w in CAPACITIES])
 def test_evaluator_stream(benchmark, model, text_ids, sinks, window):
     benchmark.extra_info.update(method="sink", capacity=sinks + window, op="evaluator_stream", tokens=TOKENS,
-                                dtype="float32", threads=torch.get_num_threads())
+                                dtype=str(model.dtype).removeprefix("torch."), threads=torch.get_num_threads())
     benchmark.pedantic(evaluate(model, text_ids, sinks, window), rounds=1, iterations=1, warmup_rounds=0)
 
 
@@ -99,9 +119,12 @@ def test_ratio_evaluator_vs_token_by_token(model, text_ids, sinks, window, recor
         result = run()
         fastest_eval = min(fastest_eval, (time.perf_counter() - start) / result.tokens_fed)
     ratio = fastest_step / fastest_eval
-    summary = (f"4+{window}, {TOKENS} tokens, {torch.get_num_threads()} thread(s): token by token "
+    dtype = str(model.dtype).removeprefix("torch.")
+    summary = (f"{dtype}, 4+{window}, {TOKENS} tokens, {torch.get_num_threads()} thread(s): token by token "
                f"{fastest_step * 1e3:.2f} ms/token, evaluator {fastest_eval * 1e3:.3f} ms/token "
                f"({1 / fastest_eval:.0f} tokens/s): {ratio:.1f}x")
     print(summary)
     record_property("ratio", ratio)
+    if dtype == "bfloat16" and not cpu_has_bf16_units():
+        return  # emulated bfloat16: recorded, not gated
     assert ratio >= MIN_RATIO, summary

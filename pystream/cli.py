@@ -159,14 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "passage against the distance to its repeat, at --cache-sizes")
     exp.add_argument("--parts", default="ppl,sinks,cache,attention,stability",
                      help="which findings (default all): ppl, sinks, cache, attention, stability")
-    exp.add_argument("--experiment-tokens", default="12k",
-                     help="tokens streamed for ppl and sinks (default 12k = 12,288, past the bundled model's 8k)")
+    exp.add_argument("--experiment-tokens", default="64k",
+                     help="tokens streamed for ppl and sinks (default 64k = 65,536 as the paper's Table 1, 8x the "
+                          "bundled model's 8k pre-training)")
     exp.add_argument("--experiment-cache", type=int, default=256,
                      help="total cache for ppl, sinks and stability (default 256)")
     exp.add_argument("--cache-tokens", default="4k", help="tokens streamed for the cache-size finding (default 4k)")
-    exp.add_argument("--stability-tokens", default=None,
-                     help="stream a separate sink stream this long for stability (for example 1M); default: "
-                          "analyse the ppl stream")
+    exp.add_argument("--stability-tokens", default="1M",
+                     help="the stability finding's sink stream (default 1M = 1,048,576 tokens; 4M is the paper's)")
     rec = p.add_argument_group("what each method remembers (--experiment recall)")
     rec.add_argument("--recall-methods", default="dense,sink,window,recompute",
                      help="methods probed (default: dense, sink in both position schemes, window, recompute; add "
@@ -190,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "at the start, middle or end of what the cache holds); default all")
     run = p.add_argument_group("how to run")
     run.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                     help="the model's weights, activations and KV cache (default float32; half precision is for "
-                          "GPUs, where it halves the memory and the bytes read per step)")
+    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                     help="the model's weights, activations and KV cache (default float32; bfloat16 for "
+                          "--experiment paper, as the paper ran half precision: on a CPU with bfloat16 matrix "
+                          "units, or a GPU, its chunked forwards run about twice as fast)")
     run.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default 1, the steadiest per-step timings; with --experiment, every "
                           "core, since it measures perplexity, not time)")
@@ -328,7 +329,8 @@ def validate(args, argv=None) -> RunConfig:
         mode=args.mode, steps=args.steps, warmup=args.warmup, recompute_steps=args.recompute_steps, batch=args.batch, ppl_tokens=args.ppl_tokens,
         ppl_cache=args.ppl_cache, recompute_ppl=args.recompute_ppl, recompute_samples=args.recompute_samples,
         model=args.model, text=args.text, trust_remote_code=args.trust_remote_code, device=device,
-        dtype=args.dtype, threads=threads, seed=args.seed, out=out, resume=args.resume, report=not args.no_report,
+        dtype=args.dtype or ("bfloat16" if args.experiment == "paper" else "float32"), threads=threads,
+        seed=args.seed, out=out, resume=args.resume, report=not args.no_report,
         profile=args.profile, profile_steps=args.profile_steps, compile=args.compile, experiment=args.experiment,
         ray=ray,
         ray_cpus=args.ray_cpus, ray_gpus=args.ray_gpus, position_schemes=schemes,
@@ -380,9 +382,10 @@ def _validate_experiment(args) -> dict:
         "experiment_tokens": parse_size(args.experiment_tokens, "--experiment-tokens"),  # bounded too
         "experiment_cache": args.experiment_cache,
         "cache_tokens": parse_size(args.cache_tokens, "--cache-tokens"),
-        "stability_tokens": (parse_size(args.stability_tokens, "--stability-tokens")
-                             if args.stability_tokens else None),
+        "stability_tokens": parse_size(args.stability_tokens, "--stability-tokens"),
     }
+    if values["stability_tokens"] < 2:
+        raise UsageError("--stability-tokens must be at least 2 (one predicted token)")
     if args.experiment_cache <= 8:
         raise UsageError(f"--experiment-cache {args.experiment_cache} must be larger than the 8 sinks tried")
     if values["experiment_tokens"] <= args.experiment_cache:
@@ -615,7 +618,7 @@ def _run_experiment(config: RunConfig, loaded, ids, writer, console, out_console
     cfg = PaperConfig(parts=config.parts, tokens=config.experiment_tokens, cache=config.experiment_cache,
                       cache_tokens=config.cache_tokens, stability_tokens=config.stability_tokens,
                       recompute_samples=max(config.recompute_samples, 96), seed=config.seed)
-    needed = max(cfg.tokens, cfg.cache_tokens, cfg.stability_tokens or 0)
+    needed = max(cfg.tokens, cfg.cache_tokens, cfg.stability_tokens if "stability" in cfg.parts else 0)
     if needed > len(ids):
         console.print(f"[yellow]note[/yellow]: the text has {len(ids):,} tokens; longer streams cycle it")
     progress = make_progress(console)
@@ -628,8 +631,9 @@ def _run_experiment(config: RunConfig, loaded, ids, writer, console, out_console
     for name in ("finding", "setting", "ours", "paper", "paper's setting"):
         table.add_column(name, justify="right" if name in ("ours", "paper") else "left")
     for row in paper_table(writer.records):
-        table.add_row(row["finding"], row["setting"], f"{row['ours']:.2f}",
-                      "-" if row["paper"] is None else f"{row['paper']:.2f}", row["paper_setting"])
+        digits = row.get("digits", 2)
+        table.add_row(row["finding"], row["setting"], f"{row['ours']:.{digits}f}",
+                      "-" if row["paper"] is None else f"{row['paper']:.{digits}f}", row["paper_setting"])
     out_console.print(table)
     console.print(f"experiment finished in {(time.perf_counter() - started) / 60:.1f} min")
     return 0

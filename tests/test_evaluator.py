@@ -8,7 +8,8 @@ tiny random models of every architecture it serves:
 3. warm-up: num_layers x (W - 1) tokens give the full stream's NLL; one window fewer does not; a stream at token 1M
    equals a fresh stream holding the same tokens;
 4. mutations (sink term at its true distance, no re-rotation at a re-base) fail oracle 1;
-5. dense (plain and RoPE-scaled) == pystream.quality.nll_dense; paired recompute == a direct computation.
+5. dense (plain and RoPE-scaled) == pystream.quality.nll_dense; paired recompute == a direct computation;
+6. the fused attention path (scaled_dot_product_attention, which half precision takes) passes 1, 2 and 4 in float32.
 The slow test repeats 1 and 2 on the bundled SmolLM2-135M.
 """
 
@@ -143,6 +144,32 @@ def test_window_warmup_gives_the_full_streams_nll():
     assert np.abs(short.nll - full.nll[699:]).max() > 1e-3
 
 
+@pytest.mark.parametrize("num_sinks", [S, 0], ids=["sink", "window"])
+def test_a_stream_continued_piece_by_piece_equals_one_call(num_sinks):
+    """`stream_nll(..., stream=s)` continues where the last call left `s`: no warm-up, the same NLL as one call
+    (pieces that are not multiples of the chunk, so a piece boundary falls inside the ring's phase)."""
+    model = tiny("llama")
+    ids = stream_ids(900, seed=5)
+    whole = stream_nll(model, ids, num_sinks=num_sinks, window=W, end=900, chunk_tokens=50)
+    stream = ChunkedStream(model, num_sinks, W)
+    edges = [1, 137, 401, 402, 900]
+    pieces = [stream_nll(model, ids, num_sinks=num_sinks, window=W, start=a, end=b, chunk_tokens=50, stream=stream)
+              for a, b in zip(edges, edges[1:])]
+    assert np.abs(np.concatenate([p.nll for p in pieces]) - whole.nll).max() <= NLL_TOL
+    assert [p.tokens_fed for p in pieces[1:]] == [b - a for a, b in zip(edges[1:], edges[2:])]  # no warm-up
+    # a continued stream that forgot its state (a broken variant) is caught: the window restarts empty
+    broken = ChunkedStream(model, num_sinks, W)
+    stream_nll(model, ids, num_sinks=num_sinks, window=W, end=401, chunk_tokens=50, stream=broken)
+    broken.forward(ids[400:401], first_token=broken.next_token + 1)  # skips a token: the window is emptied
+    broken.next_token -= 2
+    rest = stream_nll(model, ids, num_sinks=num_sinks, window=W, start=401, end=900, chunk_tokens=50, stream=broken)
+    assert np.abs(rest.nll - whole.nll[400:]).max() > 1e-3
+    with pytest.raises(ValueError, match="continue at token"):
+        stream_nll(model, ids, num_sinks=num_sinks, window=W, start=500, end=900, stream=stream)
+    with pytest.raises(ValueError, match="another model, cache"):
+        stream_nll(model, ids, num_sinks=num_sinks, window=W + 1, start=900 - 1, end=900, stream=stream)
+
+
 def test_a_million_tokens_in_equals_a_fresh_stream_with_the_same_window():
     """Positions stay bounded: at token 1,000,000 (frame positions small) the NLL is that of a short stream holding
     the sinks and the same tokens, which starts at position 0."""
@@ -163,6 +190,41 @@ def _sink_at_true_distance(self, tokens):
     return tokens - (tokens - self.base)  # the "original" term in the in-cache scheme
 
 
+@pytest.fixture(params=[False, True], ids=["blocked", "fused"])
+def attention_path(request, monkeypatch):
+    """Both attention paths of ChunkedStream, forced (float32 takes the blocked one, half precision the fused)."""
+    monkeypatch.setattr(ChunkedStream, "fused", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("num_sinks", [S, 0], ids=["sink", "window"])
+def test_fused_path_matches_token_by_token_streaming(arch, num_sinks, monkeypatch):
+    """The fused path (one softmax over sink and window keys through a doubled head dimension) is exact too:
+    oracle 1 in float32, on every architecture, with query blocks that do not divide the chunks."""
+    monkeypatch.setattr(ChunkedStream, "fused", True)
+    monkeypatch.setattr(ChunkedStream, "fused_block", 37)
+    model, ids = tiny(arch), stream_ids(SHORT)
+    expected = token_by_token(arch, num_sinks, SHORT)
+    for chunk in (7, 300):
+        logits, _ = chunked_logits(model, ids, num_sinks, chunk)
+        assert (logits - expected).abs().max().item() <= LOGIT_TOL, f"chunk {chunk}"
+        got = stream_nll(model, ids, num_sinks=num_sinks, window=W, chunk_tokens=chunk)
+        assert np.abs(got.nll - nll_of(expected, ids)).max() <= NLL_TOL, f"chunk {chunk}"
+
+
+def test_fused_path_keeps_original_positions(monkeypatch):
+    monkeypatch.setattr(ChunkedStream, "fused", True)
+    n = 900
+    model, ids = tiny("qwen2"), stream_ids(n, seed=2)
+    ref = PlainPositionsReferenceCache(model, S, W, "original")
+    zero = torch.zeros(1, 1, dtype=torch.long)
+    with torch.inference_mode():
+        expected = torch.cat([model(ids[t:t + 1].view(1, 1), cache=ref, position_ids=zero).logits[0]
+                              for t in range(n)])
+    logits, _ = chunked_logits(model, ids, S, 50, scheme="original")
+    assert (logits - expected).abs().max().item() <= LOGIT_TOL
+
+
 def _carried_keys_not_moved(self, new_base):
     return self.win_bases - self.win_bases  # the carried keys left in the frame they were computed in
 
@@ -170,7 +232,7 @@ def _carried_keys_not_moved(self, new_base):
 @pytest.mark.parametrize("mutation", [("_sink_query_shift", _sink_at_true_distance),
                                       ("_carried_shift", _carried_keys_not_moved)],
                          ids=["sink-true-distance", "carried-keys-not-rotated"])
-def test_oracle_catches_a_broken_evaluator(monkeypatch, mutation):
+def test_oracle_catches_a_broken_evaluator(monkeypatch, mutation, attention_path):
     model, n = tiny("llama"), SHORT
     ids = stream_ids(n)
     expected = nll_of(token_by_token("llama", S, n), ids)

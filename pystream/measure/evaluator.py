@@ -129,13 +129,18 @@ def _device(model) -> torch.device:
 @torch.inference_mode()
 def stream_nll(model, ids: torch.Tensor, *, num_sinks: int, window: int, position_scheme: str = "in-cache",
                start: int = 1, end: int | None = None, chunk_tokens: int | None = None, warmup: bool = True,
-               warmup_tokens: int | None = None, on_progress: Progress | None = None) -> StreamNLL:
+               warmup_tokens: int | None = None, on_progress: Progress | None = None,
+               stream: ChunkedStream | None = None) -> StreamNLL:
     """Per-token NLL of `ids[start:end]` under a sink (`num_sinks` > 0) or window (`num_sinks` == 0) cache of
     `num_sinks + window` slots (the window counts the query), in chunked forwards (exact; batch 1).
 
     `warmup`: stream from `warmup_start(...)` with the sinks in front instead of from token 0 (exact: fact 2);
     `warmup_tokens` overrides the warm-up length (tests use it to show a short one is wrong). `chunk_tokens`: tokens
     per forward (default `max(512, window)`); memory is O(chunk x (chunk + window)) per head plus the chunk's logits.
+
+    `stream`: a `ChunkedStream` of the same cache to run through. A fresh one (at token 0) starts as above; one that
+    an earlier call left at token `start - 1` (its `end` was this `start`) just continues, with no warm-up: a long
+    stream evaluated piece by piece costs what it costs in one call.
     """
     check_chunkable(model)
     ids = _as_stream(ids)
@@ -144,20 +149,30 @@ def stream_nll(model, ids: torch.Tensor, *, num_sinks: int, window: int, positio
     if chunk < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     layers = model.config.num_hidden_layers
-    if not warmup:
+    if stream is None:
+        stream = ChunkedStream(model, num_sinks, window, position_scheme=position_scheme)
+    elif (stream.model is not model or (stream.num_sinks, stream.window, stream.position_scheme)
+          != (num_sinks, window, position_scheme)):
+        raise ValueError("the stream to continue was made for another model, cache or position scheme")
+    elif stream.next_token not in (0, start - 1):
+        raise ValueError(f"the stream to continue is at token {stream.next_token}; it can start token 0 or continue "
+                         f"at token {start - 1} (start={start})")
+    if stream.next_token:
+        first = start - 1  # continuing: the stream already holds everything before
+    elif not warmup:
         first = 0
     elif warmup_tokens is not None:
         first = start - 1 - int(warmup_tokens)
         first = first if first > num_sinks else 0
     else:
         first = warmup_start(layers, num_sinks, window, start)
-    stream = ChunkedStream(model, num_sinks, window, position_scheme=position_scheme)
+    continuing = stream.next_token > 0
     device = _device(model)
     last_logit = end - 2  # the logits of token end - 2 predict the last token wanted
-    total = (num_sinks if first else 0) + (last_logit + 1 - first)
+    total = (num_sinks if first and not continuing else 0) + (last_logit + 1 - first)
     nll = np.empty(end - start, dtype=np.float64)
     done = 0
-    if first and num_sinks:  # a window cache (no sinks) starts straight at the warm-up start
+    if first and num_sinks and not continuing:  # a window cache (no sinks) starts straight at the warm-up start
         stream.forward(ids[:num_sinks].to(device), first_token=0)
         done += num_sinks
         if on_progress is not None:

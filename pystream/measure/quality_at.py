@@ -233,18 +233,26 @@ def _recompute(bench, item, start, end, records, progress) -> dict:
         model, ids, against, context=item.capacity, target_rel_half_width=cfg.recompute_target,
         pilot_positions=population if exact else cfg.recompute_samples,
         max_positions=None if exact else cfg.recompute_max_positions, seed=cfg.seed, on_progress=progress)
+    return dict(status="ok", **paired_fields(paired, against, BUCKET_TOKENS))
+
+
+def paired_fields(paired, against: StreamNLL, bucket_tokens: int) -> dict:
+    """A paired recompute's record fields: its NLL where sampled, its PPL with the paired design's interval, and the
+    ratio `against` PPL / recompute PPL with its interval (shared by quality at lengths and the paper experiment)."""
+    start, population = paired.start, paired.end - paired.start
+    nll = np.full(population, np.nan)
     n = paired.positions.size
     sampled = n < population
     nll[paired.positions - start] = paired.recompute_nll
-    fields = _summary(nll, start, sampled=sampled)
+    fields = summarise(nll, sampled=sampled, bucket_tokens=bucket_tokens, first=start)
     if sampled:  # the paired design's interval (finite-population corrected) rather than the plain one
         fields["ppl"], fields["ppl_ci95"] = paired.recompute_ppl, list(paired.recompute_ppl_ci)
-    return dict(status="ok", evaluator="batched-windows", sampled=sampled, sample_size=n, **fields,
+    return dict(evaluator="batched-windows", sampled=sampled, sample_size=n, **fields,
                 ratio_to=against.method, ratio_position_scheme=against.position_scheme, ratio=paired.ratio,
                 ratio_ci95=list(paired.ratio_ci), ratio_rel_half_width=paired.rel_half_width,
                 ratio_target=paired.target_rel_half_width, ratio_met_target=paired.met_target,
                 ratio_rounds=[[int(k), float(h)] for k, h in paired.rounds])
 
 
-__all__ = ["QualityItem", "pair_candidates", "quality_range", "quality_plan", "quality_identity", "run_quality",
+__all__ = ["QualityItem", "pair_candidates", "paired_fields", "quality_range", "quality_plan", "quality_identity", "run_quality",
            "pair_of", "QUALITY_MODE", "DEFAULT_SCHEME"]

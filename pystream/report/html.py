@@ -629,8 +629,9 @@ def paper_table_html(runs) -> str:
         return ""
     cells = []
     for r in rows:
-        paper = "–" if r["paper"] is None else f"{r['paper']:.2f}"
-        cells.append(f"<tr><td>{esc(r['finding'])}</td><td>{esc(r['setting'])}</td><td>{r['ours']:.2f}</td>"
+        digits = r.get("digits", 2)
+        paper = "–" if r["paper"] is None else f"{r['paper']:.{digits}f}"
+        cells.append(f"<tr><td>{esc(r['finding'])}</td><td>{esc(r['setting'])}</td><td>{r['ours']:.{digits}f}</td>"
                      f"<td>{paper}</td><td>{esc(r['paper_setting'])}</td></tr>")
     body = "".join(cells)
     return ("<h2>The paper's findings: ours beside the paper's</h2><p>Compare patterns, not values: a 135M model on "
