@@ -1,5 +1,6 @@
-"""The README's tables are the committed runs': every row of the default run's two tables and of the recall table is
-rebuilt here from `reports/*/results.jsonl` and must appear in the README as written (a re-run that moves a figure,
+"""The README's tables are the committed runs': every row of the default run's two tables, of the recall table and of
+the paper table (ours beside the paper's, as `pystream.results.paper.paper_table` builds it) is rebuilt here from
+`reports/*/results.jsonl` and must appear in the README as written (a re-run that moves a figure,
 or a README edited by hand, fails this test)."""
 
 import json
@@ -90,8 +91,21 @@ def recall_rows(records) -> list[str]:
     return rows
 
 
+def paper_rows(records) -> list[str]:
+    """| finding | our setting | ours | paper | paper's setting |: the paper experiment's table, as the CLI prints it."""
+    from pystream.results.paper import paper_table
+
+    rows = []
+    for row in paper_table(records):
+        digits = row.get("digits", 2)
+        paper = "–" if row["paper"] is None else f"{row['paper']:.{digits}f}"
+        rows.append(f"| {row['finding']} | {row['setting']} | {row['ours']:.{digits}f} | {paper} | "
+                    f"{row['paper_setting']} |")
+    return rows
+
+
 TABLES = {"latency": ("default-run", latency_rows), "quality": ("default-run", quality_rows),
-          "recall": ("recall", recall_rows)}
+          "recall": ("recall", recall_rows), "paper": ("paper-experiment", paper_rows)}
 
 
 @pytest.mark.parametrize("table", TABLES)

@@ -359,6 +359,8 @@ def fig_ppl_by_position(runs):
         recs = _shortest(_quality(run))
         for rec in sorted(recs, key=lambda r: (styles.rank(r["method"]), r.get("cache_size") or 0,
                                                r.get("position_scheme") or "")):
+            if not rec.get("nll"):  # a long stream that kept its chunk perplexities only: nothing per token
+                continue
             name = series_name(rec) + _run_suffix(runs, label)
             method, cache_size = rec["method"], rec.get("cache_size")
             first = _first(rec)
