@@ -165,3 +165,9 @@ def test_stability_continues_part_ones_sink_stream_and_recompute_is_paired():
     rows = {r["finding"]: r for r in paper_table(writer.records)}
     assert rows["1. sink PPL / recompute PPL (paired, same tokens)"]["ours"] == recompute["ratio"]
     assert rows["5. stability: PPL over a long stream"]["ours"] == stability["ppl"]
+    # a resumed run (another process) pairs recompute with the sink record as written: the same ratio
+    resumed = Writer()
+    resumed.records = [r for r in writer.records if r["method"] != "recompute"]
+    PaperExperiment(cfg, model, ids, resumed, InterruptAfter(), "cpu", None).part_baselines()
+    again = [r for r in resumed.records if r["method"] == "recompute"][0]
+    assert again["ratio_to"] == "sink" and again["ratio"] == pytest.approx(recompute["ratio"], rel=1e-4)

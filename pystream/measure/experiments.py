@@ -36,7 +36,7 @@ from ..inputs.paper import PAPER_SINKS, SINK_COUNTS
 from . import clocks
 from .evaluator import StreamNLL, dense_nll, paired_recompute, recompute_nll_at, stream_nll
 from .quality import stream_batch_nll_step, summarise
-from .quality_at import paired_fields
+from .quality_at import pair_of, paired_fields
 
 PARTS = ("ppl", "sinks", "cache", "attention", "stability")
 
@@ -223,13 +223,7 @@ class PaperExperiment:
         """Part 1's sink stream: from this process, or as its record has it (a resumed run)."""
         if self._sink_run is not None:
             return self._sink_run[0]
-        key = self._stream_key(PAPER_SINKS, self.cfg.cache, self.cfg.tokens, "stream")
-        rec = self.writer.done(key)
-        if rec is None or rec.get("status") != "ok" or not rec.get("nll"):
-            return None
-        nll = np.array([np.nan if v is None else v for v in rec["nll"]], dtype=np.float64)
-        return StreamNLL(nll=nll, start=1, end=len(nll) + 1, method="sink", num_sinks=PAPER_SINKS,
-                         window=self.cfg.cache - PAPER_SINKS, position_scheme="in-cache")
+        return pair_of(self.writer.records, "sink", self.cfg.cache, self.cfg.tokens, "in-cache")
 
     def part_baselines(self) -> None:
         """Part 1's dense and recompute over the same tokens."""
