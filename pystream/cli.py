@@ -32,7 +32,7 @@ examples:
   pystream-bench --model ./my-llama --text book.txt --lengths 16k --mode stream --ppl-tokens 12288
       your own model folder and text, streaming every token up to 16k for real
   pystream-bench --experiment paper
-      the paper's five findings on the bundled model, with our numbers beside the paper's (~21 minutes)
+      the paper's five findings on the bundled model, with our numbers beside the paper's (about 42 minutes)
 """
 
 DEFAULT_PPL_TOKENS = 1536
@@ -503,46 +503,6 @@ def run_metadata(config: RunConfig, loaded, text, n_tokens) -> dict:
     }
 
 
-def make_progress(console):
-    """The run's progress bars. A task given a `plan` (pystream.measure.eta.Plan) is drawn from it: its bar is the
-    share of this session's work done in estimated seconds, its count the items, its ETA the plan's time left from
-    measured rates; every other task is drawn as rich draws it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
-        TimeElapsedColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    from .measure.eta import format_seconds
-
-    class PlanBar(BarColumn):
-        def render(self, task):
-            plan = task.fields.get("plan")
-            if plan is None:
-                return super().render(task)
-            bar = super().render(task)
-            bar.total, bar.completed = 1.0, plan.fraction()
-            return bar
-
-    class PlanCount(MofNCompleteColumn):
-        def render(self, task):
-            plan = task.fields.get("plan")
-            if plan is None:
-                return super().render(task)
-            total = len(plan.finished) + len(plan.pending)
-            return Text(f"{len(plan.finished)}/{total}", style="progress.download")
-
-    class PlanRemaining(ProgressColumn):
-        default = TimeRemainingColumn()
-
-        def render(self, task):
-            plan = task.fields.get("plan")
-            if plan is None:
-                return self.default.render(task)
-            return Text(format_seconds(plan.remaining_s()), style="progress.remaining")
-
-    return Progress(TextColumn("{task.description}"), PlanBar(), PlanCount(), TimeElapsedColumn(),
-                    TextColumn("ETA"), PlanRemaining(), console=console)
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a job scheduler, `docker stop`, `kill`): handled exactly as Ctrl-C, exit code 143 (128 + 15)."""
 
@@ -613,6 +573,7 @@ def _run_experiment(config: RunConfig, loaded, ids, writer, console, out_console
     from rich.table import Table
 
     from .measure.experiments import PaperConfig, PaperExperiment
+    from .measure.progress import make_progress
     from .results.paper import paper_table
 
     cfg = PaperConfig(parts=config.parts, tokens=config.experiment_tokens, cache=config.experiment_cache,
@@ -667,6 +628,7 @@ def _run_on_cluster(config: RunConfig, bench, cluster, writer, console, out_cons
 def _run_recall(config: RunConfig, loaded, ids, writer, console, out_console) -> int:
     from rich.table import Table
 
+    from .measure.progress import make_progress
     from .measure.recall import RecallConfig, RecallExperiment
 
     cfg = RecallConfig(passage_tokens=config.passage_tokens, distances=config.recall_distances,
@@ -698,6 +660,7 @@ def _run_recall(config: RunConfig, loaded, ids, writer, console, out_console) ->
 
 def _run_bench(config: RunConfig, loaded, ids, writer, console, out_console, cluster=None) -> int:
     from .measure.eta import plan_bench
+    from .measure.progress import make_progress
     from .measure.runner import Bench, BenchConfig
     from .results.summary import print_summary
 

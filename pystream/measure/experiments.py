@@ -123,7 +123,8 @@ class PaperExperiment:
             nll[:, :start] = saved[:, :start]
         batch = StreamBatch(caches)
         x_all = self.text(tokens).to(self.device)
-        task = self.progress.add_task(f"{name}: {rows} stream(s) x {tokens:,} tokens", total=tokens, completed=start)
+        task = self.progress.add_task(f"{name}: {rows} stream(s) x {tokens:,} tokens", total=tokens, completed=start,
+                                      unit="tokens")
         last_save = time.monotonic()
         try:
             with torch.inference_mode():
@@ -164,7 +165,7 @@ class PaperExperiment:
         evaluator, with a progress bar (tokens/s, ETA); the `ChunkedStream` is returned so that it can continue."""
         stream = stream or ChunkedStream(self.model, sinks, capacity - sinks)
         task = self.progress.add_task(f"{label}: {sinks}+{capacity - sinks} over {tokens:,} tokens (exact, chunked)",
-                                      total=tokens - 1)
+                                      total=tokens - 1, unit="tokens")
         try:
             result = stream_nll(self.model, self.text(tokens).to(self.device), num_sinks=sinks,
                                 window=capacity - sinks, end=tokens, stream=stream,
@@ -249,7 +250,8 @@ class PaperExperiment:
         if not ok:
             return {**base, "status": "oom", "error": message, "kv_bytes_needed": needed}
         started = time.perf_counter()
-        task = self.progress.add_task(f"dense over {tokens:,} tokens (exact chunks)", total=tokens - 1)
+        task = self.progress.add_task(f"dense over {tokens:,} tokens (exact chunks)", total=tokens - 1,
+                                      unit="tokens")
         try:
             result = dense_nll(self.model, x, end=tokens,
                                on_progress=lambda done, total: self.progress.update(task, completed=done))
@@ -280,7 +282,7 @@ class PaperExperiment:
             return {**self._quality("recompute", cfg.cache, 0, nll, ["ppl"], sampled=True,
                                     sample_size=len(positions)), **key, "wall_s": time.perf_counter() - started}
         task = self.progress.add_task(f"recompute {cfg.cache}, paired with sink: positions until the ratio is known "
-                                      f"within {cfg.recompute_target:.0%}", total=None)
+                                      f"within {cfg.recompute_target:.0%}", total=None, unit="positions")
         try:
             paired = paired_recompute(
                 self.model, x, against, context=cfg.cache, target_rel_half_width=cfg.recompute_target,
@@ -369,7 +371,8 @@ class PaperExperiment:
             nll[:first.end - 1] = first.nll
             start = first.end
         task = self.progress.add_task(f"stability: sink {PAPER_SINKS}+{cfg.cache - PAPER_SINKS} over {tokens:,} "
-                                      "tokens (exact, chunked)", total=tokens - 1, completed=start - 1)
+                                      "tokens (exact, chunked)", total=tokens - 1, completed=start - 1,
+                                      unit="tokens")
         started = time.perf_counter()
         fed = 0
         try:

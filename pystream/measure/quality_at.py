@@ -117,7 +117,8 @@ def run_quality(bench, item: QualityItem, records: list[dict]) -> dict:
         common["rope_scaling"] = {"type": kind.rope_scaling[0], "factor": kind.rope_scaling[1]}
     label = f"quality: {item.method}" + (f" {item.capacity}" if item.capacity else "") + f" @ {item.length:,}" + (
         f" ({item.scheme})" if item.scheme and len(cfg.position_schemes) > 1 else "")
-    task = bench.progress.add_task(label, total=end - start)
+    task = bench.progress.add_task(label, total=end - start,
+                                   unit="positions" if item.method == "recompute" else "tokens")
 
     def progress(done, total):
         bench.progress.update(task, completed=done, total=total)

@@ -399,7 +399,7 @@ class RecallExperiment:
                  overall=None):
         cfg = self.cfg
         first, repeats = [], {d: [] for d in distances}
-        task = self.progress.add_task(label, total=len(passages))
+        task = self.progress.add_task(label, total=len(passages), unit="passages")
         try:
             for i, passage in enumerate(passages):
                 if plan is not None:

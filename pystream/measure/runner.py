@@ -191,7 +191,7 @@ class Bench:
         """Warm-up, then the timed steps (default the config's); `step_fn(tokens [batch, 1])` runs one decode step."""
         warmup = self.cfg.warmup if warmup is None else warmup
         total = warmup + (self.cfg.steps if steps is None else steps)
-        task = self.progress.add_task(label, total=total)
+        task = self.progress.add_task(label, total=total, unit="steps")
         latencies = []
         try:
             with torch.inference_mode():
@@ -259,7 +259,8 @@ class Bench:
             start = cache.seen() if hasattr(cache, "seen") else cache.get_seq_length()
             # the cell's wall_s / setup_s then time only tokens start..length-1: the record says so
             self.resumed_from_token = start
-        task = self.progress.add_task(f"{label}: streaming {length:,} tokens", total=length, completed=start)
+        task = self.progress.add_task(f"{label}: streaming {length:,} tokens", total=length, completed=start,
+                                      unit="tokens")
         last_save = time.monotonic()
         try:
             position = start
