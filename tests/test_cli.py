@@ -62,6 +62,10 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys)
     assert recompute["ratio_to"] == "sink" and recompute["position_scheme"] is None
     assert recompute["ratio_ci95"][0] <= recompute["ratio"] <= recompute["ratio_ci95"][1]
     assert "decode latency per token" in stdout and "quality" in stdout
+    # stderr is captured, not a terminal: the progress comes as plain lines, each pass ending with its mean rate
+    # (the tokens fed: the 120 wanted and the warm-up before them)
+    assert re.search(r"^quality: sink 16 @ 1,024: done ([\d,]+) of \1 tokens in \d+:\d\d:\d\d, [\d.,]+ tokens/s$",
+                     stderr, re.MULTILINE), stderr
     assert sorted(p.name for p in out.iterdir()) == ["eta.jsonl", "results.jsonl", "run.json"]  # no .lock left
     # the ETA's log: the plan, then one line per finished item with what was predicted and what it took
     from pystream.measure.eta import read_log

@@ -58,6 +58,20 @@ def test_interrupted_stream_resumes_from_its_checkpoint(tmp_path):
     assert not (tmp_path / "checkpoints" / "t").exists()  # cleaned up once finished
 
 
+class Updates(InterruptAfter):
+    """The progress bar's stand-in that keeps what `update(completed=...)` was told, and interrupts past `stop`."""
+
+    def __init__(self, stop=None):
+        super().__init__()
+        self.stop, self.completed = stop, []
+
+    def update(self, task, completed=None, **kwargs):
+        if completed is not None:
+            self.completed.append(completed)
+            if self.stop is not None and completed > self.stop:
+                raise KeyboardInterrupt
+
+
 def test_stability_is_exact_across_units_and_resumes(tmp_path):
     """Part 5 through the chunked evaluator, a unit at a time (each from its own warm-up): the whole stream's NLL,
     per 128-token chunk; an interrupted run resumes after its last finished unit with the same result."""
@@ -74,12 +88,14 @@ def test_stability_is_exact_across_units_and_resumes(tmp_path):
     assert [b["end"] for b in rec["buckets"]] == [129, 257, 385, 513, 641, 700]
     assert rec["buckets"][0]["ppl"] == pytest.approx(np.exp(direct.nll[:128].mean()), rel=1e-5)
     assert (rec["evaluator"], rec["start"], rec["end"]) == ("chunked", 1, 700)
-    first = PaperExperiment(cfg, model, ids, Writer(), InterruptAfter(2), "cpu", tmp_path)
+    first = PaperExperiment(cfg, model, ids, Writer(), Updates(stop=400), "cpu", tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        first.part_stability()
-    progress, resumed = InterruptAfter(), Writer()
+        first.part_stability()  # interrupted as unit 3 (tokens 401-600) begins
+    progress, resumed = Updates(), Writer()
     PaperExperiment(cfg, model, ids, resumed, progress, "cpu", tmp_path).part_stability()
-    assert progress.count == 2  # units 3 and 4 only: 1 and 2 came from the checkpoint
+    # units 3 and 4 only (1 and 2 came from the checkpoint), the bar only ever moving forward
+    assert min(progress.completed) >= 400 and progress.completed[-1] == 699
+    assert progress.completed == sorted(progress.completed)
     # the same NLL (the resumed units start from a warm-up, the whole run is one stream: equal up to float rounding)
     assert np.abs(np.array(resumed.records[0]["nll"]) - np.array(rec["nll"])).max() <= 1e-4
     assert not (tmp_path / "checkpoints" / "stability").exists()

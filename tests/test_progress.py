@@ -53,7 +53,7 @@ def test_a_resumed_task_reports_the_rate_of_what_it_ran():
         clock.now += 25.0
         progress.update(task, completed=600)  # 100 tokens in 25 s, not 600
         progress.remove_task(task)
-    assert lines(out)[-1] == "stream: stopped at 600 of 1,000 tokens in 0:00:25, 4.00 tokens/s"
+    assert lines(out)[-1] == "stream: ended at 600 of 1,000 tokens in 0:00:25, 4.00 tokens/s"
 
 
 def test_no_log_lines_on_a_terminal():

@@ -1,5 +1,6 @@
-"""The README's tables are the committed runs': every row of the default run's two tables, of the recall table and of
-the paper table (ours beside the paper's, as `pystream.results.paper.paper_table` builds it) is rebuilt here from
+"""The README's tables are the committed runs': every row of the default run's two tables, of the recall table, of
+the paper table (ours beside the paper's, as `pystream.results.paper.paper_table` builds it) and of the stability
+streams' table is rebuilt here from
 `reports/*/results.jsonl` and must appear in the README as written (a re-run that moves a figure,
 or a README edited by hand, fails this test)."""
 
@@ -104,15 +105,30 @@ def paper_rows(records) -> list[str]:
     return rows
 
 
+def stability_rows(runs) -> list[str]:
+    """| run | dtype | stream | PPL | per chunk | timed |: each committed run's stability stream (part 5 of the paper
+    experiment), its wall time over the tokens it fed itself (`timed_from_token` on)."""
+    rows = []
+    for run in runs:
+        meta = json.loads((ROOT / "reports" / run / "run.json").read_text())
+        (rec,) = [r for r in _records(run) if r["record"] == "quality" and "stability" in (r.get("experiments") or [])]
+        chunks = [b["ppl"] for b in rec["buckets"]]
+        rows.append(f"| `reports/{run}` | {meta['config']['dtype']} | {rec['length']:,} | {rec['ppl']:.2f} | "
+                    f"{min(chunks):.2f} to {max(chunks):.2f} | {rec['tokens_fed']:,} tokens in "
+                    f"{rec['wall_s'] / 60:.1f} min, {rec['tokens_fed'] / rec['wall_s']:,.0f} tokens/s |")
+    return rows
+
+
 TABLES = {"latency": ("default-run", latency_rows), "quality": ("default-run", quality_rows),
-          "recall": ("recall", recall_rows), "paper": ("paper-experiment", paper_rows)}
+          "recall": ("recall", recall_rows), "paper": ("paper-experiment", paper_rows),
+          "stability": (("stability-fp32", "paper-experiment", "stability-4m"), stability_rows)}
 
 
 @pytest.mark.parametrize("table", TABLES)
 def test_readme_tables_are_the_committed_runs(table):
     run, rows = TABLES[table]
     readme = (ROOT / "README.md").read_text()
-    missing = [row for row in rows(_records(run)) if row not in readme]
+    missing = [row for row in (rows(run) if isinstance(run, tuple) else rows(_records(run))) if row not in readme]
     assert not missing, f"README rows that differ from reports/{run} (rebuilt from its results):\n" + "\n".join(missing)
 
 

@@ -380,7 +380,9 @@ class PaperExperiment:
                 b = min(a + cfg.stability_unit, tokens)
                 stream = stream or ChunkedStream(self.model, PAPER_SINKS, cfg.cache - PAPER_SINKS)
 
-                def progress(done, total, a=a, b=b):  # a unit's warm-up counts as part of it, for an even ETA
+                # a unit's warm-up counts as part of it, for an even ETA; its last forward reports b - 1. Only ever
+                # forward: a step back then an advance would read as a unit's tokens in an instant to the bar's rate
+                def progress(done, total, a=a, b=b):
                     self.progress.update(task, completed=a - 1 + (b - a) * done / total)
 
                 part = stream_nll(self.model, ids, num_sinks=PAPER_SINKS, window=cfg.cache - PAPER_SINKS, start=a,
@@ -390,8 +392,6 @@ class PaperExperiment:
                 if folder is not None and b < tokens:  # the unit is done: a killed run keeps it
                     folder.mkdir(parents=True, exist_ok=True)
                     np.save(folder / "nll.npy", nll)
-                self.progress.update(task, completed=a - 1)
-                self.progress.advance(task, b - a)
         finally:
             self.progress.remove_task(task)
         _remove_checkpoints(folder)

@@ -97,11 +97,13 @@ class RunProgress(Progress):
         return Text(" ").join(p for p in parts if isinstance(p, Text) and p.plain)
 
     def _log(self, task_id, force: bool = False) -> None:
-        now = self.clock()
-        if not force and now - self._logged_at.get(task_id, now) < self.log_every_s:
-            return
-        self._logged_at[task_id] = now
-        self.console.print(self._line(self._tasks[task_id]), soft_wrap=True, highlight=False)
+        with self._lock:  # a cluster sweep's driver may report from more than one thread
+            now = self.clock()
+            if not force and now - self._logged_at.get(task_id, now) < self.log_every_s:
+                return
+            self._logged_at[task_id] = now
+            line = self._line(self._tasks[task_id])
+        self.console.print(line, soft_wrap=True, highlight=False)
 
     def add_task(self, description, *args, **kwargs):
         task_id = super().add_task(description, *args, **kwargs)
@@ -128,7 +130,7 @@ class RunProgress(Progress):
             unit = task.fields.get("unit")
             rate = f", {format_rate(done / elapsed_s, unit)}" if unit and done and elapsed_s > 0 else ""
             total = "" if task.total is None else f" of {task.total:,.0f}"
-            state = "done" if task.total is not None and task.completed >= task.total else "stopped at"
+            state = "done" if task.total is not None and task.completed >= task.total else "ended at"
             line = Text.from_markup(task.description)
             line.append(f": {state} {task.completed:,.0f}{total}{' ' + unit if unit else ''} "
                         f"in {format_seconds(elapsed_s)}{rate}")
